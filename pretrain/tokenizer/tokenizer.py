@@ -1,0 +1,254 @@
+"""The Galactica tokenizer: sentencepiece BPE plus Galactica markup.
+
+Rules (Galactica paper, section 2.1), all enforced here and in the Hugging Face export:
+- fixed ids: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, then the 16 Galactica markers (ids 4-19), each
+  a single token wherever it appears in text;
+- byte fallback: a character that is not a piece becomes its UTF-8 byte pieces, `<unk>` never appears;
+- every digit is its own token (sentencepiece `split_digits`);
+- inside `[START_SMILES]`, `[START_I_SMILES]`, `[START_AMINO]` and `[START_DNA]` spans every character
+  is its own token (the span content never reaches the BPE merges);
+- exact round trip: identity normalization, no dummy prefix, whitespace kept, so
+  `decode(encode(x)) == x` for any text.
+
+The four control strings `<s>`, `<pad>`, `</s>`, `<unk>` are not recognized in text (they are encoded
+as plain characters); the data pipeline appends `eos_id` between documents itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+from tqdm import tqdm
+
+from .escape import SPAN_RE
+
+CONTROL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+GALACTICA_TOKENS = [
+    "[START_REF]", "[END_REF]", "<work>", "</work>",
+    "[START_SMILES]", "[END_SMILES]", "[START_I_SMILES]", "[END_I_SMILES]",
+    "[START_AMINO]", "[END_AMINO]", "[START_DNA]", "[END_DNA]",
+    "[START_SUP]", "[END_SUP]", "[START_SUB]", "[END_SUB]",
+]
+SPECIAL_TOKENS = CONTROL_TOKENS + GALACTICA_TOKENS  # index == token id
+MODEL_FILE = "tokenizer.model"
+SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in text is byte-encoded
+# One pass finds everything that is not plain prose: a span (group 1: its kind, group 2: content),
+# a Galactica marker, or a literal U+2581.
+_MARKUP_RE = re.compile(
+    SPAN_RE.pattern + "|" + "|".join(re.escape(t) for t in GALACTICA_TOKENS) + "|" + SPACE, re.DOTALL
+)
+# sentencepiece's training words (split_by_whitespace with whitespace-only pieces allowed): every
+# piece lies inside one of them, so encoding word by word is exact.
+_WORD_RE = re.compile(r"[^ ]+| +[^ ]*")
+# Characters that are always single pieces (never byte-fallback): printable ASCII, tab and newline.
+_REQUIRED_CHARS = "".join(chr(c) for c in range(0x21, 0x7F)) + "\t\n"
+
+
+class GalacticaTokenizer:
+    """A trained Galactica tokenizer. Create it with `train` or `load`."""
+
+    bos_id, pad_id, eos_id, unk_id = 0, 1, 2, 3
+
+    def __init__(self, model_proto: bytes, num_threads: int = 1, word_cache_size: int = 500_000):
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.model_proto = model_proto  # the bytes of tokenizer.model
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        self.num_threads = num_threads  # threads for `encode_batch` (sentencepiece's C++ pool)
+        self.vocab_size = self._sp.get_piece_size()
+        pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        if pieces[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise ValueError(f"not a Galactica tokenizer: ids 0-{len(SPECIAL_TOKENS) - 1} are "
+                             f"{pieces[:len(SPECIAL_TOKENS)]}, expected {SPECIAL_TOKENS}")
+        self._special_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+        self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+        self._char_ids: dict[str, list[int]] = {}
+        self._word_ids: dict[str, list[int]] = {}  # prose word -> ids, cleared past word_cache_size
+        self.word_cache_size = word_cache_size
+        # decode table: id -> bytes (byte pieces are raw bytes, U+2581 is a space, markers are text)
+        self._id_bytes = [p.replace(SPACE, " ").encode() for p in pieces]
+        for b, i in enumerate(self._byte_ids):
+            self._id_bytes[i] = bytes([b])
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def load(cls, path: str | Path, num_threads: int = 1) -> GalacticaTokenizer:
+        """Load from a directory holding tokenizer.model, or from the .model file itself."""
+        path = Path(path)
+        model_file = path / MODEL_FILE if path.is_dir() else path
+        if not model_file.is_file():
+            raise FileNotFoundError(f"no tokenizer model at {model_file}")
+        return cls(model_file.read_bytes(), num_threads=num_threads)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], out_dir: str | Path, vocab_size: int = 50000, *,
+              seed: int = 0, max_sentences: int = 1_000_000, max_sentence_bytes: int = 4096,
+              num_threads: int = 2, progress: bool = True) -> GalacticaTokenizer:
+        """Train on `texts` (documents already in Galactica markup); write out_dir/tokenizer.model.
+
+        The rarest characters (beyond 99.99 % character coverage) are left to byte fallback. Span
+        contents (SMILES, amino acids, DNA) are left out of training: they are encoded character
+        by character, so only their characters are made pieces. Documents are cut at line breaks
+        into chunks of at most `max_sentence_bytes` UTF-8 bytes (sentencepiece drops longer
+        sentences). At most `max_sentences` chunks are kept, a uniform reservoir sample seeded by
+        `seed`, which bounds memory; the result is a deterministic function of (texts, options).
+        """
+        rng = random.Random(seed)
+        chunks: list[str] = []
+        span_chars: set[str] = set()
+        seen = 0
+
+        def strip_span(m: re.Match) -> str:
+            span_chars.update(m.group(2))
+            return f"[START_{m.group(1)}][END_{m.group(1)}]"
+
+        for text in tqdm(texts, desc="tokenizer sample", unit=" docs", disable=not progress):
+            text = SPAN_RE.sub(strip_span, text).replace(SPACE, " ")
+            for chunk in _chunks(text, max_sentence_bytes):
+                seen += 1
+                if len(chunks) < max_sentences:
+                    chunks.append(chunk)
+                elif (j := rng.randrange(seen)) < max_sentences:
+                    chunks[j] = chunk
+        if not chunks:
+            raise ValueError("cannot train a tokenizer on no text")
+        required = "".join(sorted(set(_REQUIRED_CHARS) | (span_chars - {" ", SPACE})))
+        spm.set_random_generator_seed(seed)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(chunks), model_writer=model, model_type="bpe",
+                vocab_size=vocab_size, character_coverage=0.9999, byte_fallback=True, split_digits=True,
+                normalization_rule_name="identity", add_dummy_prefix=False,
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+                bos_piece="<s>", pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+                user_defined_symbols=GALACTICA_TOKENS, required_chars=required,
+                input_sentence_size=0, shuffle_input_sentence=False,
+                max_sentence_length=max_sentence_bytes, train_extremely_large_corpus=False,
+                num_threads=num_threads, minloglevel=0 if progress else 2,
+            )
+        except RuntimeError as e:
+            raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}, "
+                             f"{len(chunks)} training chunks): {e}") from e
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MODEL_FILE).write_bytes(model.getvalue())
+        return cls(model.getvalue())
+
+    # ---------------------------------------------------------------- encode / decode
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no bos/eos added)."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text.
+
+        Prose is cut into sentencepiece's own training words (` *[^ ]*`: no piece crosses their
+        boundaries, so BPE per word gives exactly sentencepiece's ids for the whole string); words
+        are looked up in a cache, and the unseen ones go to sentencepiece in one C++ call.
+        """
+        prose: list[str] = []
+        plans = [self._plan(text, prose) for text in texts]
+        words_of = [_WORD_RE.findall(p) for p in prose]
+        cache = self._word_ids
+        if len(cache) > self.word_cache_size:
+            cache.clear()
+        unseen = list({w for words in words_of for w in words if w not in cache})
+        if unseen:
+            cache.update(zip(unseen, self._sp.encode(unseen, num_threads=self.num_threads)))
+        out = []
+        for plan in plans:
+            ids: list[int] = []
+            for item in plan:
+                if type(item) is int:
+                    for w in words_of[item]:
+                        ids += cache[w]
+                else:
+                    ids += item
+            out.append(ids)
+        return out
+
+    def _plan(self, text: str, prose: list[str]) -> list:
+        """Split text into prose (an index into `prose`) and ready id lists (markers, spans)."""
+        plan: list = []
+        pos = 0
+        for m in _MARKUP_RE.finditer(text):
+            start = m.start()
+            if start > pos:
+                plan.append(len(prose))
+                prose.append(text[pos:start])
+            kind = m.group(1)
+            if kind:  # a span: markers + one token per character
+                ids = [self._special_ids[f"[START_{kind}]"]]
+                char_ids = self._char_ids
+                for c in m.group(2):
+                    ids += char_ids.get(c) or self._char_to_ids(c)
+                ids.append(self._special_ids[f"[END_{kind}]"])
+                plan.append(ids)
+            elif m.group(0) == SPACE:
+                plan.append([self._byte_ids[b] for b in SPACE.encode()])
+            else:
+                plan.append([self._special_ids[m.group(0)]])
+            pos = m.end()
+        if pos < len(text):
+            plan.append(len(prose))
+            prose.append(text[pos:])
+        return plan
+
+    def _char_to_ids(self, c: str) -> list[int]:
+        """One character inside a span: its piece, else its UTF-8 byte pieces (cached)."""
+        i = self._sp.piece_to_id(SPACE if c == " " else c)
+        ids = [i] if i != self.unk_id and c != SPACE else [self._byte_ids[b] for b in c.encode()]
+        self._char_ids[c] = ids
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; every special token is rendered as its own text (e.g. `</s>`)."""
+        table = self._id_bytes
+        return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace")
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    def piece_to_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+    def export_hf(self, out_dir: str | Path) -> Path:
+        """Write a Hugging Face tokenizer folder (see pretrain.tokenizer.hf)."""
+        from .hf import export_hf
+
+        return export_hf(self, out_dir)
+
+    def __reduce__(self):  # picklable for multiprocessing workers: rebuilt from the model bytes
+        return type(self), (self.model_proto, self.num_threads, self.word_cache_size)
+
+    def __repr__(self) -> str:
+        return f"GalacticaTokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def _chunks(text: str, max_bytes: int) -> Iterable[str]:
+    """Cut text at line breaks (kept) into chunks of at most max_bytes UTF-8 bytes."""
+    if len(text.encode()) <= max_bytes:
+        if text:
+            yield text
+        return
+    buf, size = [], 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode())
+        if size + n > max_bytes and buf:
+            yield "".join(buf)
+            buf, size = [], 0
+        if n > max_bytes:  # a single over-long line: hard cuts (characters, at most max_bytes / 4)
+            step = max_bytes // 4
+            for i in range(0, len(line), step):
+                yield line[i:i + step]
+            continue
+        buf.append(line)
+        size += n
+    if buf:
+        yield "".join(buf)
