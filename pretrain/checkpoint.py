@@ -1,0 +1,204 @@
+"""Checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not know about.
+
+Layout: ``RUN_DIR/checkpoints/step00000042/`` (a DeepSpeed tag: model, ZeRO and optimizer shards of
+every rank) and ``RUN_DIR/checkpoints/latest`` (the tag of the newest *complete* checkpoint).
+
+* A checkpoint counts only when complete: every rank has written its shards (a barrier), then rank 0
+  replaces ``latest`` atomically (``os.replace``). A process killed mid-write leaves ``latest`` on the
+  previous checkpoint, which stays loadable. (DeepSpeed's own ``save_latest`` writes the pointer on
+  rank 0 without waiting for the other ranks, so we write it ourselves.)
+* Client state: the loader position, tokens seen, the loss guard, the config hash, and every rank's
+  RNG states (torch, CUDA, numpy, python, the tensor-parallel stream), gathered to the file
+  DeepSpeed writes, so that a resumed run draws the same dropout masks as an uninterrupted one.
+* Only the last ``keep_last`` checkpoints are kept.
+* Files are read with ``torch.load(weights_only=True)``: DeepSpeed's checkpoint engine is told to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import parallel
+
+LATEST = "latest"
+META = "gal_layout.json"  # world, data- and tensor-parallel sizes, ZeRO stage of the saving run
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint's tag, or None."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text().strip()
+    if not (Path(ckpt_dir) / tag).is_dir():
+        raise FileNotFoundError(f"{pointer} names {tag!r}, which does not exist in {ckpt_dir}")
+    return tag
+
+
+# ---- RNG -------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": np_state[0], "pos": np_state[2], "has_gauss": np_state[3], "gauss": np_state[4],
+                  "keys": torch.from_numpy(np_state[1].astype(np.int64))},
+        "python": _to_lists(random.getstate()),
+        "tensor_parallel": parallel.tp_rng().get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_to_tuples(state["python"]))
+    parallel.tp_rng().set_state(state["tensor_parallel"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, on every rank (only the files of some ranks carry client state)."""
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# ---- save / load -------------------------------------------------------------------------------------
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
+    """Save on all ranks; returns the tag. ``latest`` moves only after every rank has finished."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    client_state = {**client_state, "rng": gather_rng_states(), "world_size": dist.get_world_size()}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (ckpt_dir / tag / META).write_text(json.dumps(layout(engine)))
+        fault_point("checkpoint", step)
+        _fsync_tree(ckpt_dir / tag)
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+        _prune(ckpt_dir, keep_last, keep=tag)
+    dist.barrier()
+    return tag
+
+
+def layout(engine) -> dict:
+    return {"world_size": dist.get_world_size(), "dp_size": parallel.dp_size(), "tp_size": parallel.tp_size(),
+            "zero_stage": engine.zero_optimization_stage()}
+
+
+def read_layout(ckpt_dir: Path, tag: str) -> dict:
+    path = Path(ckpt_dir) / tag / META
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {Path(ckpt_dir) / tag} was not written by gal-train")
+    return json.loads(path.read_text())
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """Convert a checkpoint with DeepSpeed's ``ds_to_universal`` (rank 0; the others wait) so that it
+    loads on another data-parallel size; returns the directory that holds the converted ``tag``."""
+    out = Path(ckpt_dir) / "universal"
+    if dist.get_rank() == 0 and not (out / tag / "zero").is_dir():
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(Path(ckpt_dir) / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
+               "--num_merge_workers", "1", "--no_strict"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"ds_to_universal failed on {Path(ckpt_dir) / tag}:\n{proc.stderr[-3000:]}")
+    dist.barrier()
+    return out
+
+
+def fault_point(where: str, step: int) -> None:
+    """Fault injection for tests and drills: ``GAL_FAULT_KILL=step:N`` SIGKILLs the process after
+    step N is logged; ``GAL_FAULT_KILL=checkpoint:N`` after the shards of checkpoint N are written
+    and before ``latest`` moves."""
+    if os.environ.get("GAL_FAULT_KILL") == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load(engine, ckpt_dir: Path, tag: str | None = None) -> dict:
+    """Load engine, optimizer and scheduler state; restore this rank's RNG; return the client state."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no '{LATEST}' file)")
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if client_state.get("world_size") == dist.get_world_size():
+        set_rng_state(client_state["rng"][dist.get_rank()])
+    return client_state
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make DeepSpeed's checkpoint engine read files with ``torch.load(weights_only=True)``."""
+    ce = engine.checkpoint_engine
+
+    def load(path, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
+    _allow_deepspeed_globals()
+
+
+def _allow_deepspeed_globals() -> None:
+    """The few non-tensor types DeepSpeed pickles into its checkpoint files."""
+    safe = []
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        safe.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        safe += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    from deepspeed.utils.tensor_fragment import fragment_address
+    safe.append(fragment_address)
+    torch.serialization.add_safe_globals(safe)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop tags after ``keep`` (left half-written
+    by a run that was killed and resumed from an earlier checkpoint)."""
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    complete = [t for t in tags if t <= keep]
+    stale = [t for t in tags if t > keep] + complete[:-max(keep_last, 1)]
+    for old in stale:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)

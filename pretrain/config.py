@@ -1,0 +1,145 @@
+"""The training run's configuration: dataclasses registered in Hydra's ConfigStore, checked at start.
+
+The YAML groups in ``conf/`` (model, data, optim, deepspeed, trainer, logger, checkpoint) fill these
+schemas; Hydra rejects unknown keys and wrong types, :func:`validate` rejects values that cannot work
+together, and every error names the config key to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConf:
+    size: str = "tiny"  # tiny | 125m | 1.3b | 6.7b | 30b | 120b (model.config.GalacticaConfig.from_name)
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary, read from the shards' manifest
+    dropout: Optional[float] = None  # None: the size's default (0.1, as in the paper)
+    attention_dropout: Optional[float] = None
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConf:
+    path: str = "data/sample_shards"  # a gal-prepare output directory (manifest.json, train/, valid/)
+    seed: int = 1234  # the epoch permutations are seeded by (seed, epoch)
+    prefetch: int = 4  # global batches read ahead by a background thread
+    record_sample_ids: bool = False  # write RUN_DIR/sample_ids.jsonl: which samples each step trained on
+
+
+@dataclass
+class OptimConf:
+    lr_max: float = 6e-4
+    lr_final_ratio: float = 0.1  # linear decay to 10% of lr_max at the end of the run (Galactica)
+    warmup_tokens: int = 375_000_000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to LayerNorm weights and embeddings
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConf:
+    zero_stage: int = 2  # 0 (plain DDP), 1, 2 or 3
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
+    offload_param: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON config
+
+
+@dataclass
+class TrainerConf:
+    micro_batch_size: int = 1  # sequences per rank per micro-step
+    global_batch_tokens: int = 500_000  # tokens per optimizer step (Table 5); rounded to whole sequences
+    max_tokens: Optional[int] = None  # stop after this many training tokens ...
+    max_epochs: Optional[float] = None  # ... or this many passes over the training set
+    tensor_parallel: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    log_interval_steps: int = 1
+    loss_spike_factor: float = 4.0  # skip the update when loss > factor × EWMA of recent losses
+    loss_ewma_beta: float = 0.9
+    loss_spike_warmup_steps: int = 20  # no spike test before the EWMA has seen this many steps
+    max_consecutive_skips: int = 5  # then stop, with the last good state checkpointed
+    inject_nan_at_steps: list[int] = field(default_factory=list)  # fault injection for tests and drills
+
+
+@dataclass
+class LoggerConf:
+    wandb: bool = True  # offline (files in the run dir) unless WANDB_API_KEY is set
+    project: str = "galactica-pretrain"
+    group: Optional[str] = None  # e.g. the sweep name
+    name: Optional[str] = None
+    console: bool = True  # the rich progress line
+
+
+@dataclass
+class CheckpointConf:
+    interval_tokens: Optional[int] = None  # None: only at the end (and on preemption)
+    keep_last: int = 3
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    deepspeed: DeepSpeedConf = field(default_factory=DeepSpeedConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    run_dir: str = MISSING
+    resume: str = "auto"  # auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint dir
+    seed: int = 1234  # model init and dropout
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+def validate(cfg: TrainConfig, *, seq_len: int, num_heads: int, d_model: int, world_size: int,
+             max_positions: int) -> None:
+    """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
+    t, d = cfg.trainer, cfg.deepspeed
+    tp = t.tensor_parallel
+    if d_model % num_heads:
+        raise ConfigError(f"model.size={cfg.model.size}: hidden size {d_model} is not divisible by {num_heads} heads")
+    if tp < 1 or num_heads % tp:
+        raise ConfigError(f"trainer.tensor_parallel={tp} does not divide the {num_heads} attention heads")
+    if world_size % tp:
+        raise ConfigError(f"trainer.tensor_parallel={tp} does not divide the world size {world_size}")
+    if seq_len > max_positions:
+        raise ConfigError(f"data.path: the shards hold {seq_len}-token sequences, above the model's "
+                          f"{max_positions} positions (model.size={cfg.model.size})")
+    dp = world_size // tp
+    gbs = global_batch_samples(cfg, seq_len)
+    if gbs % (t.micro_batch_size * dp):
+        raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} gives {gbs} sequences of "
+                          f"{seq_len} tokens, not divisible by trainer.micro_batch_size={t.micro_batch_size} × "
+                          f"{dp} data-parallel ranks; e.g. trainer.global_batch_tokens="
+                          f"{max(1, round(gbs / (t.micro_batch_size * dp))) * t.micro_batch_size * dp * seq_len}")
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={d.zero_stage} must be 0, 1, 2 or 3")
+    if d.offload_param and d.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param=true needs deepspeed.zero_stage=3")
+    if d.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"deepspeed.precision={d.precision!r} must be auto, bf16 or fp32")
+    if t.max_tokens is None and t.max_epochs is None:
+        raise ConfigError("set trainer.max_tokens or trainer.max_epochs: the run needs a length")
+    if not 0 < cfg.optim.lr_final_ratio <= 1:
+        raise ConfigError(f"optim.lr_final_ratio={cfg.optim.lr_final_ratio} must be in (0, 1]")
+    if cfg.resume not in ("auto", "none") and not cfg.resume:
+        raise ConfigError("resume must be auto, none or a checkpoint directory")
+
+
+def global_batch_samples(cfg: TrainConfig, seq_len: int) -> int:
+    """Sequences per optimizer step: trainer.global_batch_tokens rounded to whole sequences (≥ 1)."""
+    return max(1, round(cfg.trainer.global_batch_tokens / seq_len))

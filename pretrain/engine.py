@@ -1,0 +1,108 @@
+"""The DeepSpeed engine: its JSON config from the Hydra groups, the optimizer groups, the LR schedule.
+
+* ZeRO stage 1, 2 or 3 (``deepspeed.zero_stage``), optional CPU offload of optimizer states and
+  (stage 3) parameters; bf16 on GPU, fp32 on CPU (``deepspeed.precision=auto``).
+* AdamW with Galactica's betas (0.9, 0.95), weight decay 0.1 on the matmul weights only (not on
+  LayerNorm weights, embeddings or biases), gradient clipping by DeepSpeed.
+* LR: linear warmup from 0 over ``optim.warmup_tokens``, then linear decay to
+  ``optim.lr_final_ratio × lr_max`` at the last step. A ``torch.optim.lr_scheduler.LambdaLR`` handed
+  to ``deepspeed.initialize``, which steps and checkpoints it. (DeepSpeed's ``WarmupDecayLR`` warms up
+  *from* the floor it decays to, so it cannot start at 0 and end at 10%.)
+"""
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+from model import parallel
+from pretrain.config import TrainConfig
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> str:
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if p == "bf16" and device.type != "cuda":
+        raise ValueError("deepspeed.precision=bf16 needs a GPU; the CPU path trains in fp32")
+    return p
+
+
+def deepspeed_config(cfg: TrainConfig, *, micro_batch_size: int, grad_accum: int, dp_size: int,
+                     device: torch.device, load_universal: bool = False) -> dict:
+    d, o = cfg.deepspeed, cfg.optim
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * dp_size,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr_max, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+            # torch's own AdamW: no compiled DeepSpeed op needed (fused kernels on GPU via torch)
+            "torch_adam": True, "adam_w_mode": True}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision(cfg, device) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        # the CPU path has no compiled DeepSpeedCPUAdam: offloaded states step with torch's AdamW
+        "zero_force_ds_cpu_optimizer": device.type == "cuda",
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    return _merge(config, dict(d.extra))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the matmul weights; not LayerNorm weights, embeddings (token and position) or biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or name.startswith(("wte.", "wpe.")) or name.endswith(".bias")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, final_ratio: float):
+    """Multiplier of lr_max at optimizer step ``s`` (0-based): (s+1)/warmup, then linear to final_ratio."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup_steps) / span)
+    return f
+
+
+def build(cfg: TrainConfig, model: torch.nn.Module, *, micro_batch_size: int, grad_accum: int,
+          tokens_per_step: int, total_steps: int, device: torch.device, load_universal: bool = False):
+    """``deepspeed.initialize`` with our config, optimizer groups, schedule and the mpu adapter."""
+    warmup_steps = max(1, math.ceil(cfg.optim.warmup_tokens / tokens_per_step))
+    schedule = lr_lambda(warmup_steps, total_steps, cfg.optim.lr_final_ratio)
+    ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                                 dp_size=parallel.dp_size(), device=device,
+                                 load_universal=load_universal)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        mpu=parallel.DeepSpeedMPU(),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine, ds_config, warmup_steps
+
+
+def refresh_lr(engine) -> None:
+    """After a resume, set the rate of the next step from the schedule (LambdaLR only re-evaluates it
+    on step(), so a run resumed with a longer trainer.max_tokens would otherwise use a stale rate)."""
+    sched = engine.lr_scheduler
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)

@@ -1,0 +1,210 @@
+"""The training engine end to end: real DeepSpeed, real processes (torchrun over gloo), real signals.
+
+The shards here are small synthetic ones written with the real ShardWriter (the data path has its
+own tests), so that each run takes seconds and the assertions can be exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, free_port
+from pretrain.data.shards import ShardWriter
+from pretrain.metrics import read_metrics
+from pretrain.train import EXIT_LOSS_GUARD, EXIT_PREEMPTED
+
+SEQ = 32
+N_SAMPLES = 40
+# 4 samples (128 tokens) a step: 10 steps an epoch; the tiny-2l model; dropout on, to test RNG restore.
+COMMON = ["model.size=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
+          "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=16)
+    for i in range(N_SAMPLES):
+        step = i % 5 + 1
+        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * step) % 250 + 4
+        if i == N_SAMPLES - 1:
+            toks[-5:] = 1  # the padded tail of the last sample
+        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
+                                         "pad_tokens": 5 if i == N_SAMPLES - 1 else 0})
+    w.close()
+    (root / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 256, "pad_id": 1}}))
+    return root
+
+
+def command(nproc: int, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    args = [f"data.path={shards}", f"run_dir={run_dir}", *COMMON, *overrides]
+    if nproc == 1:
+        return [sys.executable, "-m", "pretrain.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "pretrain.train", *args]
+
+
+def env() -> dict:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        e.pop(key, None)
+    return e
+
+
+def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
+    proc = subprocess.run(command(nproc, run_dir, shards, *overrides), capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**env(), **(extra_env or {})})
+    if proc.returncode != expect:
+        pytest.fail(f"exit {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
+
+
+def kill_when(proc: subprocess.Popen, run_dir: Path, step: int, sig=signal.SIGKILL, timeout=300) -> None:
+    """Send ``sig`` to the whole process group once metrics.jsonl shows ``step``."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended ({proc.returncode}) before step {step}: {proc.stderr.read()[-4000:]}")
+        if any(r.get("step", 0) >= step for r in steps(run_dir)):
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=120)
+            return
+        time.sleep(0.05)
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+LAYOUTS = {
+    "zero1": (2, ["deepspeed=zero1"]),
+    "zero2": (2, ["deepspeed=zero2"]),
+    "zero3": (2, ["deepspeed=zero3"]),
+    "tp2_dp2_zero2": (4, ["deepspeed=zero2", "trainer.tensor_parallel=2"]),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_bit_for_bit(layout, shards, tmp_path):
+    nproc, extra = LAYOUTS[layout]
+    # 8 steps: the epoch ends at step 10, so the kill and the resume fall mid-epoch
+    args = [*extra, "trainer.max_tokens=1024", "checkpoint.interval_tokens=384", "logger.wandb=false"]
+    train(nproc, tmp_path / "straight", shards, *args)
+    want = [r["loss"] for r in steps(tmp_path / "straight")]
+    assert len(want) == 8
+
+    run = tmp_path / "killed"  # every rank SIGKILLs itself after step 5: steps 4-5 are lost work
+    train(nproc, run, shards, *args, expect=1 if nproc > 1 else -signal.SIGKILL,
+          extra_env={"GAL_FAULT_KILL": "step:5"})
+    assert [r["step"] for r in steps(run)] == [1, 2, 3, 4, 5]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000003"
+    train(nproc, run, shards, *args)  # resume=auto
+    got = [r["loss"] for r in steps(run)]
+    assert got == want  # exact float equality, every step
+    assert events(run, "start")[-1]["resumed"] is True
+
+
+@pytest.mark.multirank
+def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["deepspeed=zero2", "data.record_sample_ids=true", "logger.wandb=false"]
+    train(2, run, shards, *args, "trainer.max_tokens=512")  # 4 of the epoch's 10 steps, on 2 ranks
+    train(1, run, shards, *args, "trainer.max_epochs=1")  # the rest, on 1 rank, via a universal checkpoint
+    assert (run / "checkpoints" / "universal" / "step00000004").is_dir()
+    rows = [json.loads(x) for x in (run / "sample_ids.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    ids = [i for r in rows for i in r["ids"]]
+    assert sorted(ids) == list(range(N_SAMPLES))  # no repeat, no skip
+    assert [r["epoch"] for r in steps(run)][-1] == 1.0
+    start = events(run, "start")
+    assert [s["world_size"] for s in start] == [2, 1] and [s["grad_accum"] for s in start] == [2, 4]
+
+
+def test_sigusr1_checkpoints_and_exits_with_the_preemption_code(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(command(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false"), cwd=REPO,
+                            env=env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    kill_when(proc, run, step=3, sig=signal.SIGUSR1)
+    assert proc.returncode == EXIT_PREEMPTED
+    last = steps(run)[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    assert events(run, "preempted")[0]["step"] == last
+
+
+def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_tokens=768", "checkpoint.interval_tokens=256", "logger.wandb=false"]
+    proc = train(1, run, shards, *args, expect=-signal.SIGKILL, extra_env={"GAL_FAULT_KILL": "checkpoint:4"})
+    assert (run / "checkpoints" / "latest").read_text() == "step00000002"
+    assert (run / "checkpoints" / "step00000004").is_dir()  # written, never committed
+    train(1, run, shards, *args)
+    assert events(run, "start")[-1]["step"] == 2
+    assert [r["step"] for r in steps(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "checkpoints" / "latest").read_text() == "step00000006"
+
+
+def test_nan_loss_skips_the_update_and_k_in_a_row_stop_cleanly(shards, tmp_path):
+    run = tmp_path / "one"
+    train(1, run, shards, "trainer.max_tokens=640", "trainer.inject_nan_at_steps=[3]", "logger.wandb=false")
+    rows = steps(run)
+    assert rows[2]["skipped"] == "non-finite loss" and rows[2]["skipped_steps"] == 1
+    assert rows[2]["loss"] is None and rows[2]["grad_norm"] is None
+    assert rows[-1]["skipped_steps"] == 1 and all(r["loss"] is not None for r in rows[3:])
+
+    run = tmp_path / "many"
+    train(1, run, shards, "trainer.max_tokens=1280", "trainer.inject_nan_at_steps=[3,4,5]",
+          "trainer.max_consecutive_skips=3", "logger.wandb=false", expect=EXIT_LOSS_GUARD)
+    stopped = events(run, "stopped")
+    assert stopped and "3 bad steps in a row" in stopped[0]["reason"]
+    assert steps(run)[-1]["step"] == 5
+    assert (run / "checkpoints" / "latest").read_text() == "step00000005"
+
+
+def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):
+    run = tmp_path / "run"
+    train(1, run, shards, "trainer.max_epochs=2.5", "logger.wandb=true")
+    rows = steps(run)
+    assert len(rows) == 25
+    for r in rows:  # epoch = tokens / training tokens
+        assert r["epoch"] == pytest.approx(r["tokens_seen"] / (N_SAMPLES * SEQ))
+        assert r["unique_tokens_seen"] == min(r["tokens_seen"], N_SAMPLES * SEQ)
+    assert [e["epoch"] for e in events(run, "epoch_end")] == [1, 2]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+    (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120, env=env())
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert {"lr", "tokens_seen", "epoch", "grad_norm", "tokens_per_s", "mfu"} <= set(history[-1])
+    (config,) = [r["run"]["config"]["update"] for r in records if r["type"] == "run"]
+    assert config["optim"]["lr_max"] == 6e-4 and config["model"]["size"] == "tiny-2l"
+    assert "WANDB_API_KEY" not in out.stdout and "api_key" not in out.stdout.lower()
+
+
+def test_config_errors_name_the_key(shards, tmp_path):
+    proc = train(1, tmp_path / "a", shards, "trainer.max_tokens=256", "trainer.micro_batch_size=3", expect=1)
+    assert "trainer.global_batch_tokens=128" in proc.stderr and "trainer.micro_batch_size=3" in proc.stderr
+    proc = train(1, tmp_path / "b", shards, "trainer.max_tokens=256", "data.path=/nonexistent", expect=1)
+    assert "data.path=/nonexistent" in proc.stderr
+    proc = train(1, tmp_path / "c", shards, "trainer.max_tokens=256", "trainer.tensor_parallel=3", expect=1)
+    assert "trainer.tensor_parallel=3" in proc.stderr
