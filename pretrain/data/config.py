@@ -1,0 +1,131 @@
+"""`gal-prepare`'s configuration: dataclasses registered in Hydra's ConfigStore, checked at start.
+
+`conf/prepare.yaml` fills :class:`PrepareConf`; the group `conf/corpus/` maps each `source` of the
+input to a :class:`SourceFormat` (its Galactica template), so a new source needs YAML, not code.
+Hydra rejects unknown keys and wrong types; :func:`validate` rejects values that cannot work and
+names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SAMPLE_VOCAB_SIZE = 8000  # the built-in sample corpus (~1M tokens) is too small for 50k merges
+PAPER_VOCAB_SIZE = 50000
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class SourceFormat:
+    # Parts of the document, joined by a blank line. `{field}` inserts a record field, `{field|f}`
+    # passes it through a formatter: smiles, amino, dna (Galactica span markup), properties (a dict
+    # as "key: value" lines), cite (wraps the matches of citation_regex in [START_REF]…[END_REF]).
+    # A part whose fields are absent or empty is left out.
+    template: List[str] = field(default_factory=lambda: ["{text}"])
+    required: List[str] = field(default_factory=lambda: ["text"])  # missing/empty → bad input
+    near_dedup: bool = True  # MinHash near-duplicate detection (off for molecules/sequences)
+    citation_regex: Optional[str] = None  # group 1 is the citation (multiline regex)
+
+
+@dataclass
+class CleanConf:
+    unicode_form: str = "NFKC"  # NFC | NFKC | NFD | NFKD; super/subscripts are marked up before it
+    min_chars: int = 20  # shorter rendered documents are dropped (counted as too_short)
+    max_chars: int = 4_000_000  # longer ones are dropped (too_long)
+
+
+@dataclass
+class DedupConf:
+    exact: bool = True  # drop documents whose cleaned text was seen before (any source)
+    near: bool = True  # MinHash LSH over word shingles, for sources with near_dedup: true
+    threshold: float = 0.8  # estimated Jaccard similarity at or above which a document is a near-duplicate
+    num_perm: int = 128
+    shingle_words: int = 5
+
+
+@dataclass
+class SplitConf:
+    valid_fraction: float = 0.05  # per source, by a hash of the document id
+    salt: str = "gal-split-v1"
+
+
+@dataclass
+class TokenizerConf:
+    vocab_size: Optional[int] = None  # None: 50000 (the paper), 8000 for the built-in sample
+    sample_fraction: float = 0.02  # of the training documents, chosen by a hash of (seed, id)
+    min_sample_docs: int = 5000  # at least this many documents (all of a small corpus)
+    seed: int = 0
+    path: Optional[str] = None  # an existing tokenizer (.model) to use instead of training one
+
+
+@dataclass
+class ShardConf:
+    seq_len: int = 2048  # samples hold seq_len + 1 tokens (inputs and shifted targets)
+    samples_per_shard: int = 8192
+
+
+@dataclass
+class PrepareConf:
+    input: Any = None  # a path, glob or list of them (JSONL, .gz, .zst); None: the built-in sample
+    output: str = "data/sample_shards"
+    overwrite: bool = False
+    on_error: str = "raise"  # raise | skip (bad lines are counted in the manifest)
+    workers: int = 0  # processes for cleaning and tokenizing; 0: all cores
+    max_line_bytes: int = 8 * 2**20  # a longer JSONL line is bad input (memory stays bounded)
+    max_docs_per_file: int = 0  # 0: all; otherwise only the first N lines of each file
+    corpus: Dict[str, SourceFormat] = field(default_factory=dict)
+    clean: CleanConf = field(default_factory=CleanConf)
+    dedup: DedupConf = field(default_factory=DedupConf)
+    split: SplitConf = field(default_factory=SplitConf)
+    tokenizer: TokenizerConf = field(default_factory=TokenizerConf)
+    shards: ShardConf = field(default_factory=ShardConf)
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareConf)
+
+
+def validate(cfg: PrepareConf) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: {why}")
+
+    need(cfg.on_error in ("raise", "skip"), "on_error", "must be raise or skip")
+    need(cfg.workers >= 0, "workers", "must be >= 0")
+    need(cfg.max_line_bytes >= 1024, "max_line_bytes", "must be >= 1024")
+    need(cfg.max_docs_per_file >= 0, "max_docs_per_file", "must be >= 0")
+    need(bool(cfg.output), "output", "must be a directory path")
+    need(len(cfg.corpus) > 0, "corpus", "no source formats: pick a corpus config (corpus=default)")
+    need(cfg.clean.unicode_form in ("NFC", "NFKC", "NFD", "NFKD"), "clean.unicode_form", "NFC|NFKC|NFD|NFKD")
+    need(0 <= cfg.clean.min_chars < cfg.clean.max_chars, "clean.min_chars", "must be >= 0 and < clean.max_chars")
+    need(0.0 < cfg.dedup.threshold <= 1.0, "dedup.threshold", "must be in (0, 1]")
+    need(cfg.dedup.num_perm >= 16, "dedup.num_perm", "must be >= 16")
+    need(cfg.dedup.shingle_words >= 1, "dedup.shingle_words", "must be >= 1")
+    need(0.0 <= cfg.split.valid_fraction < 1.0, "split.valid_fraction", "must be in [0, 1)")
+    need(cfg.tokenizer.vocab_size is None or 300 <= cfg.tokenizer.vocab_size <= 2**32,
+         "tokenizer.vocab_size", "must be >= 300 (bytes + special tokens) and < 2**32")
+    need(0.0 < cfg.tokenizer.sample_fraction <= 1.0, "tokenizer.sample_fraction", "must be in (0, 1]")
+    need(cfg.tokenizer.min_sample_docs >= 1, "tokenizer.min_sample_docs", "must be >= 1")
+    need(cfg.shards.seq_len >= 1, "shards.seq_len", "must be >= 1")
+    need(cfg.shards.samples_per_shard >= 1, "shards.samples_per_shard", "must be >= 1")
+    for name, fmt in cfg.corpus.items():
+        need(len(fmt.template) > 0, f"corpus.{name}.template", "must list at least one part")
+        if fmt.citation_regex:
+            import re
+            try:
+                re.compile(fmt.citation_regex)
+            except re.error as e:
+                raise ConfigError(f"corpus.{name}.citation_regex: {e}") from None
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part, None) if not isinstance(cfg, dict) else cfg.get(part)
+    return cfg

@@ -1,0 +1,117 @@
+"""Galactica markup: a record (one JSON object) → the document text, by its source's template.
+
+Templates come from the corpus config (`conf/corpus/*.yaml`), see :class:`SourceFormat`. Formatters:
+  smiles      `[START_I_SMILES]…[END_I_SMILES]` when isomeric (contains @, / or \\), else `[START_SMILES]…`
+  amino       `[START_AMINO]…[END_AMINO]` (uppercase one-letter codes)
+  dna         `[START_DNA]…[END_DNA]` (uppercase IUPAC nucleotides)
+  properties  a JSON object as "key: value" lines
+  cite        matches of the source's citation_regex (group 1) wrapped in `[START_REF]…[END_REF]`
+Text fields are cleaned (:func:`clean_text`); `<work>` and markup already in the input are kept.
+"""
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Callable
+
+from .clean import clean_sequence, clean_text
+from .config import ConfigError, SourceFormat
+
+FORMATTERS = (None, "smiles", "amino", "dna", "properties", "cite")
+
+AMINO = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+DNA = set("ACGTUNRYKMSWBDHV")
+
+
+class RecordError(ValueError):
+    """A record that cannot be rendered: .reason is the counter key in the manifest."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def smiles_span(s: str) -> str:
+    s = clean_sequence(s)
+    if any(c in s for c in "@/\\"):
+        return f"[START_I_SMILES]{s}[END_I_SMILES]"
+    return f"[START_SMILES]{s}[END_SMILES]"
+
+
+def _sequence_span(alphabet: set[str], start: str, end: str) -> Callable[[str], str]:
+    def span(s: str) -> str:
+        s = clean_sequence(s).upper()
+        bad = set(s) - alphabet
+        if bad:
+            raise RecordError("bad_sequence", f"characters {''.join(sorted(bad))!r} in a {start} sequence")
+        return f"{start}{s}{end}"
+    return span
+
+
+class Renderer:
+    """Renders records of every configured source; one per process (compiled templates, regexes)."""
+
+    def __init__(self, formats: dict[str, SourceFormat], unicode_form: str = "NFKC"):
+        self.formats = formats
+        self.unicode_form = unicode_form
+        self.parts = {name: [self._parse(p) for p in f.template] for name, f in formats.items()}
+        for name, parts in self.parts.items():
+            for literal, field, formatter in (piece for part in parts for piece in part):
+                if formatter not in FORMATTERS:
+                    raise ConfigError(f"corpus.{name}.template: unknown formatter {formatter!r} "
+                                      f"(known: {', '.join(f for f in FORMATTERS if f)})")
+        self.citations = {name: re.compile(f.citation_regex, re.MULTILINE) if f.citation_regex else None
+                          for name, f in formats.items()}
+
+    @staticmethod
+    def _parse(part: str) -> list[tuple[str, str | None, str | None]]:
+        """'# {title}' → [('# ', 'title', None)]; '{smiles|smiles}' → [('', 'smiles', 'smiles')]."""
+        out = []
+        for literal, name, _spec, _conv in string.Formatter().parse(part):
+            field, _, fmt = (name or "").partition("|") if name is not None else (None, "", "")
+            out.append((literal, field if name is not None else None, fmt or None))
+        return out
+
+    def render(self, source: str, record: dict[str, Any]) -> str:
+        fmt = self.formats[source]
+        for key in fmt.required:
+            value = record.get(key)
+            if value is None or (isinstance(value, str) and not value.strip()) or value == {}:
+                reason = "missing_field" if key not in record else "empty_document"
+                raise RecordError(reason, f"field {key!r} is {'missing' if key not in record else 'empty'}")
+        pieces = []
+        for part in self.parts[source]:
+            text = []
+            for literal, field, formatter in part:
+                text.append(literal)
+                if field is None:
+                    continue
+                value = record.get(field)
+                if value is None or value == "" or value == {} or value == []:
+                    break  # an absent optional field drops the whole part
+                value = self._format(source, value, formatter)
+                if not value:
+                    break
+                text.append(value)
+            else:
+                pieces.append("".join(text))
+        return "\n\n".join(p for p in pieces if p.strip())
+
+    def _format(self, source: str, value: Any, formatter: str | None) -> str:
+        if formatter == "smiles":
+            return smiles_span(str(value))
+        if formatter == "amino":
+            return _sequence_span(AMINO, "[START_AMINO]", "[END_AMINO]")(str(value))
+        if formatter == "dna":
+            return _sequence_span(DNA, "[START_DNA]", "[END_DNA]")(str(value))
+        if formatter == "properties":
+            if not isinstance(value, dict):
+                raise RecordError("bad_field", f"properties must be a JSON object, got {type(value).__name__}")
+            return "\n".join(f"{clean_text(str(k), self.unicode_form)}: {clean_text(str(v), self.unicode_form)}"
+                             for k, v in value.items())
+        text = clean_text(str(value), self.unicode_form)
+        if formatter == "cite":
+            regex = self.citations[source]
+            if regex is not None:
+                text = regex.sub(lambda m: m.group(0).replace(m.group(1), f"[START_REF]{m.group(1)}[END_REF]", 1), text)
+        return text

@@ -1,0 +1,206 @@
+"""Packed token samples in webdataset `.tar` shards, with an index for O(1) random access.
+
+On disk, one directory per split (`train/`, `valid/<source>/`):
+  shard-000000.tar …  webdataset shards; sample i is the members `{i:09d}.meta.json` and
+                      `{i:09d}.tokens.npy` (a 1-D array of `sample_len` tokens, uint16 or uint32)
+  index.npy           one record per sample: shard number, byte offset of the token data inside
+                      that tar (past the .npy header), byte offset and size of the meta JSON
+  index.json          dtype, sample_len, num_samples, token_bytes and the shards (name, samples,
+                      bytes, sha256)
+Meta of a sample: {"doc_ids": [...], "sources": [...], "doc_starts": [...], "pad_tokens": n}: the
+documents whose tokens it holds, in order, and where each one's piece starts in the sample (0 for
+a document continued from the previous sample). Only the last sample of a split has padding.
+
+`ShardReader(dir)[i]` reads sample i with one `os.pread` (files opened lazily per process, so it is
+safe to use after fork and from threads); `ShardReader.webdataset()` streams the same samples
+sequentially through `webdataset.WebDataset`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset
+
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("tokens_offset", "<u8"), ("meta_offset", "<u8"), ("meta_size", "<u4")])
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Writes samples of `sample_len` tokens into numbered shards, then the index (on close)."""
+
+    def __init__(self, directory: str | Path, sample_len: int, dtype: np.dtype, samples_per_shard: int = 8192):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sample_len, self.dtype, self.samples_per_shard = sample_len, np.dtype(dtype), samples_per_shard
+        self.num_samples = 0
+        self.shards: list[dict[str, Any]] = []
+        self.index: list[np.ndarray] = []
+        self._tar: webdataset.TarWriter | None = None
+        self._in_shard = 0
+
+    def write(self, tokens: np.ndarray, meta: dict[str, Any]) -> None:
+        if tokens.shape != (self.sample_len,):
+            raise ValueError(f"sample {self.num_samples}: expected {self.sample_len} tokens, got {tokens.shape}")
+        if self._tar is None:
+            name = f"shard-{len(self.shards):06d}.tar"
+            self.shards.append({"name": name, "samples": 0})
+            self._tar = webdataset.TarWriter(str(self.dir / name), mtime=0, user="gal", group="gal", mode=0o444)
+        self._tar.write({"__key__": f"{self.num_samples:09d}", "tokens.npy": tokens.astype(self.dtype, copy=False),
+                         "meta.json": json.dumps(meta, separators=(",", ":"))})
+        self.num_samples += 1
+        self._in_shard += 1
+        self.shards[-1]["samples"] += 1
+        if self._in_shard == self.samples_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self._tar, self._in_shard = None, 0
+        number, shard = len(self.shards) - 1, self.shards[-1]
+        path = self.dir / shard["name"]
+        token_bytes = self.sample_len * self.dtype.itemsize
+        rows = np.zeros(shard["samples"], INDEX_DTYPE)
+        first = self.num_samples - shard["samples"]
+        with tarfile.open(path) as tar:  # read back the member offsets (headers only)
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                j = int(key) - first
+                if ext == "tokens.npy":  # the array's bytes end the member, after the .npy header
+                    rows["tokens_offset"][j] = member.offset_data + member.size - token_bytes
+                elif ext == "meta.json":
+                    rows["meta_offset"][j], rows["meta_size"][j] = member.offset_data, member.size
+        rows["shard"] = number
+        self.index.append(rows)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        shard.update(bytes=path.stat().st_size, sha256=h.hexdigest())
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard, write index.npy and index.json; returns the index.json content."""
+        if self._tar is not None:
+            self._close_shard()
+        index = np.concatenate(self.index) if self.index else np.zeros(0, INDEX_DTYPE)
+        np.save(self.dir / "index.npy", index)
+        info = {"dtype": self.dtype.name, "sample_len": self.sample_len, "num_samples": self.num_samples,
+                "token_bytes": self.sample_len * self.dtype.itemsize, "shards": self.shards}
+        (self.dir / "index.json").write_text(json.dumps(info, indent=1))
+        return info
+
+
+class Packer:
+    """Packs documents (tokens ending in eos) into consecutive samples of sample_len tokens."""
+
+    def __init__(self, writer: ShardWriter, pad_id: int):
+        self.writer, self.pad_id = writer, pad_id
+        self.buf = np.empty(writer.sample_len, np.int64)
+        self.fill = 0
+        self.meta: dict[str, list] = {"doc_ids": [], "sources": [], "doc_starts": []}
+        self.pad_tokens = 0
+
+    def add(self, doc_id: str, source: str, tokens: np.ndarray) -> None:
+        pos, n = 0, len(tokens)
+        while pos < n:
+            take = min(len(self.buf) - self.fill, n - pos)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.meta["doc_ids"].append(doc_id)
+            self.meta["sources"].append(source)
+            self.meta["doc_starts"].append(self.fill)
+            self.fill += take
+            pos += take
+            if self.fill == len(self.buf):
+                self._emit(0)
+
+    def _emit(self, pad: int) -> None:
+        self.writer.write(self.buf, {**self.meta, "pad_tokens": pad})
+        self.fill = 0
+        self.meta = {"doc_ids": [], "sources": [], "doc_starts": []}
+
+    def finish(self) -> dict[str, Any]:
+        if self.fill:
+            pad = len(self.buf) - self.fill
+            self.buf[self.fill:] = self.pad_id
+            self.pad_tokens = pad
+            self._emit(pad)
+        return {**self.writer.close(), "pad_tokens": self.pad_tokens}
+
+
+class ShardReader:
+    """Random access to the samples of one split directory (`train/` or `valid/<source>/`)."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        info_path = self.dir / "index.json"
+        if not info_path.exists():
+            raise FileNotFoundError(f"{info_path} is missing: not a gal-prepare split directory")
+        self.info = json.loads(info_path.read_text())
+        self.dtype = np.dtype(self.info["dtype"])
+        self.sample_len = int(self.info["sample_len"])
+        self.token_bytes = int(self.info["token_bytes"])
+        self.paths = [str(self.dir / s["name"]) for s in self.info["shards"]]
+        self.index = np.load(self.dir / "index.npy", mmap_mode="r")
+        if len(self.index) != self.info["num_samples"]:
+            raise ValueError(f"{self.dir}: index.npy has {len(self.index)} rows, index.json says {self.info['num_samples']}")
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: the parent's descriptors share a file offset; reopen
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return fd
+
+    def _row(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range: {self.dir} has {len(self)} samples")
+        return self.index[i]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        row = self._row(i)
+        data = os.pread(self._fd(int(row["shard"])), self.token_bytes, int(row["tokens_offset"]))
+        if len(data) != self.token_bytes:
+            raise IOError(f"{self.paths[int(row['shard'])]}: short read for sample {i} (truncated shard?)")
+        return np.frombuffer(data, self.dtype)
+
+    def meta(self, i: int) -> dict[str, Any]:
+        row = self._row(i)
+        return json.loads(os.pread(self._fd(int(row["shard"])), int(row["meta_size"]), int(row["meta_offset"])))
+
+    def webdataset(self) -> Iterator[dict[str, Any]]:
+        """The samples in order through webdataset's streaming reader: {"__key__", "tokens.npy", "meta.json"}."""
+        return iter(webdataset.WebDataset(self.paths, shardshuffle=False, empty_check=False).decode())
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable for spawned DataLoader workers
+        return {**self.__dict__, "_fds": {}, "index": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.index = np.load(self.dir / "index.npy", mmap_mode="r")
+        self._pid = os.getpid()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,199 @@
+"""gal-prepare: markup, cleaning, dedup, split determinism, overwrite, atomicity, the built-in sample."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from test_prepare_helpers import REPO, make_cfg, run_cli, write_jsonl
+
+from pretrain.data import shards as shards_module
+from pretrain.data.clean import clean_text
+from pretrain.data.config import ConfigError
+from pretrain.data.markup import Renderer
+from pretrain.data.pipeline import builtin_sample_files, prepare
+from pretrain.data.shards import ShardReader
+from pretrain.tokenizer import GalacticaTokenizer
+
+
+@pytest.fixture(scope="module")
+def sample_docs():
+    """Real documents: the built-in sample's docstrings."""
+    path = [f for f in builtin_sample_files() if f.name.startswith("docstrings")][0]
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for _, line in zip(range(200), f)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory, sample_docs):
+    """A small tokenizer, so that pipeline tests need not train one each."""
+    out = tmp_path_factory.mktemp("tok")
+    GalacticaTokenizer.train((d["text"] for d in sample_docs), out, vocab_size=600, progress=False)
+    return out / "tokenizer.model"
+
+
+def _splits_by_id(out) -> dict[str, str]:
+    split = {}
+    for name in json.loads((out / "manifest.json").read_text())["splits"]:
+        reader = ShardReader(out / name)
+        for i in range(len(reader)):
+            for doc_id in reader.meta(i)["doc_ids"]:
+                split[doc_id] = "train" if name == "train" else "valid"
+    return split
+
+
+# ----------------------------------------------------------------------------- markup and cleaning
+def test_markup_templates():
+    r = Renderer(make_cfg().corpus)
+    assert r.render("molecules", {"smiles": "CC(=O)O", "name": "acetic acid", "properties": {"mp": "16.6 °C"}}) == \
+        "acetic acid\n\n[START_SMILES]CC(=O)O[END_SMILES]\n\nmp: 16.6 °C"
+    for iso in ("C[C@H](N)C(=O)O", "C/C=C/C", "C/C=C\\C"):
+        assert r.render("molecules", {"smiles": iso}) == f"[START_I_SMILES]{iso}[END_I_SMILES]"
+    assert r.render("proteins", {"sequence": "mkv lli\nAG", "description": "a protein"}) == \
+        "a protein\n\n[START_AMINO]MKVLLIAG[END_AMINO]"
+    assert r.render("dna", {"sequence": "acgt\nACGTN"}) == "[START_DNA]ACGTACGTN[END_DNA]"
+    assert r.render("arxiv", {"text": "We use <work> x = 1 </work> here.", "title": None}) == \
+        "We use <work> x = 1 </work> here."
+    doc = "Notes.\n\nReferences\n----------\n.. [1] G. Strang, Linear Algebra and Its Applications, 1988."
+    assert r.render("docstrings", {"title": "f", "text": doc}).endswith(
+        ".. [1] [START_REF]G. Strang, Linear Algebra and Its Applications, 1988.[END_REF]")
+    with pytest.raises(ConfigError, match=r"corpus.x.template: unknown formatter 'nope'"):
+        Renderer({"x": type(r.formats["arxiv"])(template=["{a|nope}"])})
+
+
+def test_clean_keeps_superscripts_and_subscripts_distinct():
+    assert clean_text("E = mc² and H₂O, x⁻¹") == \
+        "E = mc[START_SUP]2[END_SUP] and H[START_SUB]2[END_SUB]O, x[START_SUP]-1[END_SUP]"
+    assert clean_text("ﬁne  ｆｕｌｌ\u00a0space\u200b\r\n\r\n\r\n\tnext   \nline") == "fine full space\n\n\tnext\nline"
+    assert clean_text("    indented   code") == "    indented code"
+
+
+# ----------------------------------------------------------------------------- dedup and split
+def test_dedup_exact_and_near_per_source_and_across(tmp_path, sample_docs, tokenizer_path):
+    long_docs = [d for d in sample_docs if len(d["text"].split()) > 150 and ".. [" not in d["text"]][:24]
+    base = [dict(d, id=f"base{k}") for k, d in enumerate(long_docs[:20])]
+    a, b, c, d = long_docs[20:24]
+
+    def one_word_changed(doc):
+        words = doc["text"].split(" ")
+        words[len(words) // 2] = "CHANGED"
+        return " ".join(words)
+
+    extra = [
+        dict(a, id="a1"), dict(a, id="a2"),  # exact, same source
+        dict(b, id="b1"), dict(b, id="b2", source="papers"),  # exact, across sources (same template)
+        dict(c, id="c1"), dict(c, id="c2", text=one_word_changed(c)),  # near, same source
+        dict(d, id="d1"), dict(d, id="d2", source="arxiv", text=one_word_changed(d)),  # near, across
+    ]
+    common = [f"tokenizer.path={tokenizer_path}", "shards.seq_len=127", "workers=2"]
+    write_jsonl(tmp_path / "base.jsonl", base)
+    m0 = prepare(make_cfg(f"input={tmp_path}/base.jsonl", f"output={tmp_path}/o0", *common), progress=False)
+    write_jsonl(tmp_path / "more.jsonl", base + extra)
+    m1 = prepare(make_cfg(f"input={tmp_path}/more.jsonl", f"output={tmp_path}/o1", *common), progress=False)
+    added = {k: m1["dedup"].get(k, 0) - m0["dedup"].get(k, 0) for k in m1["dedup"]}
+    assert added == {"exact_duplicate_same_source": 1, "exact_duplicate_cross_source": 1,
+                     "near_duplicate_same_source": 1, "near_duplicate_cross_source": 1}
+    kept = set(_splits_by_id(tmp_path / "o1"))
+    assert {"a1", "b1", "c1", "d1"} <= kept and not {"a2", "b2", "c2", "d2"} & kept
+    # near-dedup off: the near copies stay, the exact ones still go
+    m2 = prepare(make_cfg(f"input={tmp_path}/more.jsonl", f"output={tmp_path}/o2", "dedup.near=false", *common),
+                 progress=False)
+    assert set(m2["dedup"]) == {"exact_duplicate_same_source", "exact_duplicate_cross_source"}
+    assert {"c2", "d2"} <= set(_splits_by_id(tmp_path / "o2"))
+
+
+def test_split_is_stable_when_documents_are_added(tmp_path, sample_docs, tokenizer_path):
+    common = [f"tokenizer.path={tokenizer_path}", "shards.seq_len=127", "split.valid_fraction=0.3", "dedup.near=false"]
+    write_jsonl(tmp_path / "a.jsonl", sample_docs[:60])
+    write_jsonl(tmp_path / "b.jsonl", sample_docs[60:120])
+    prepare(make_cfg(f"input={tmp_path}/a.jsonl", f"output={tmp_path}/small", *common), progress=False)
+    prepare(make_cfg(f"input=[{tmp_path}/a.jsonl,{tmp_path}/b.jsonl]", f"output={tmp_path}/big", "workers=1", *common),
+            progress=False)
+    small, big = _splits_by_id(tmp_path / "small"), _splits_by_id(tmp_path / "big")
+    assert len(big) > len(small) > 0 and {"train", "valid"} == set(small.values())
+    assert all(big[i] == s for i, s in small.items())
+    # and the same input twice gives byte-identical shards (1 and 2 workers alike)
+    prepare(make_cfg(f"input={tmp_path}/a.jsonl", f"output={tmp_path}/again", "workers=1", *common), progress=False)
+    for name in ("train/shard-000000.tar", "train/index.npy", "manifest.json"):
+        if name != "manifest.json":
+            assert (tmp_path / "small" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------- output directory safety
+def test_overwrite_refused_then_allowed(tmp_path, sample_docs, tokenizer_path):
+    write_jsonl(tmp_path / "a.jsonl", sample_docs[:30])
+    args = [f"input={tmp_path}/a.jsonl", f"output={tmp_path}/out", f"tokenizer.path={tokenizer_path}", "shards.seq_len=127"]
+    prepare(make_cfg(*args), progress=False)
+    (tmp_path / "out" / "marker").write_text("old")
+    with pytest.raises(FileExistsError, match="already exists: pass overwrite=true"):
+        prepare(make_cfg(*args), progress=False)
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2 and "overwrite=true" in proc.stderr
+    assert (tmp_path / "out" / "marker").exists()
+    prepare(make_cfg(*args, "overwrite=true"), progress=False)
+    assert not (tmp_path / "out" / "marker").exists() and (tmp_path / "out" / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no temporaries left
+
+
+def test_interrupted_run_leaves_no_manifest(tmp_path, sample_docs, tokenizer_path, monkeypatch):
+    write_jsonl(tmp_path / "a.jsonl", sample_docs[:100])
+    args = [f"input={tmp_path}/a.jsonl", f"output={tmp_path}/out", f"tokenizer.path={tokenizer_path}", "shards.seq_len=63"]
+    real_write, calls = shards_module.ShardWriter.write, []
+
+    def failing_write(self, tokens, meta):  # the disk fills up after 5 samples
+        calls.append(1)
+        if len(calls) > 5:
+            raise OSError(28, "No space left on device")
+        real_write(self, tokens, meta)
+
+    monkeypatch.setattr(shards_module.ShardWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(make_cfg(*args), progress=False)
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.jsonl"]
+    monkeypatch.undo()
+    # killed with SIGKILL while writing shards: no output directory; the next run cleans up
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.prepare", *args[:-1], "shards.seq_len=7",
+                             "shards.samples_per_shard=1"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*/train/shard-000003.tar")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out.tmp-*"))
+    prepare(make_cfg(*args), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^on_error='ignore': must be raise or skip"):
+        prepare(make_cfg("on_error=ignore", f"output={tmp_path}/o"), progress=False)
+    with pytest.raises(ConfigError, match=r"^split.valid_fraction=1.5"):
+        prepare(make_cfg("split.valid_fraction=1.5", f"output={tmp_path}/o"), progress=False)
+    proc = run_cli("tokenizer.vocab_size=many", f"output={tmp_path}/o", check=False)
+    assert proc.returncode != 0 and "tokenizer.vocab_size" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the built-in sample
+def test_no_arguments_prepares_the_builtin_sample(tmp_path):
+    run_cli(cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # Hydra left nothing in the cwd
+    out = tmp_path / "data" / "sample_shards"
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["sources"]) == {"docstrings", "molecules"}
+    assert m["vocab_size"] == 8000 and m["seq_len"] == 2048 and m["dtype"] == "uint16"
+    assert m["config"]["input"] is None and m["errors"] == {}
+    assert m["splits"]["train"]["samples"] > 300 and m["splits"]["valid/docstrings"]["samples"] > 10
+    tok = GalacticaTokenizer.load(out / "tokenizer")
+    reader = ShardReader(out / "train")
+    text = tok.decode(np.concatenate([reader[i] for i in range(len(reader))]).tolist())
+    for marker in ("[START_I_SMILES]", "[START_SMILES]", "[START_REF]", "$"):
+        assert marker in text
