@@ -1,0 +1,103 @@
+"""GalacticaConfig: the model's shape and regularization, with the paper's sizes by name."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+# Galactica paper (arXiv 2211.09085), Table 5: name -> (layers, d_model, heads).
+PAPER_SIZES: dict[str, tuple[int, int, int]] = {
+    "125m": (12, 768, 12),
+    "1.3b": (24, 2048, 32),
+    "6.7b": (32, 4096, 32),
+    "30b": (48, 7168, 56),
+    "120b": (96, 10240, 80),
+}
+# Small shapes for CPU tests and the default CPU run (not in the paper).
+SMALL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (4, 128, 4),
+    "tiny-2l": (2, 64, 4),
+}
+
+
+@dataclass
+class GalacticaConfig:
+    """Shape and regularization of a Galactica decoder (OPT architecture without biases).
+
+    Init follows metaseq/OPT (and Megatron): every weight ~ N(0, init_std); the two projections
+    that write into the residual stream (attention output, FFN output) use
+    init_std / sqrt(2 * n_layers) when `scale_output_init` is on (GPT-2 / OPT "scaled init").
+    metaseq's default init_std is 0.02; OPT-175B used 0.006. LayerNorm weights start at 1.
+
+    `bias=False` is the paper's choice and the only one our runs use. `bias=True` exists only to
+    import the released Hugging Face Galactica checkpoints, which carry biases.
+    Tensor-parallel size is not a model property: it comes from `model.parallel`.
+    """
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    vocab_size: int = 50000
+    max_positions: int = 2048
+    ffn_mult: int = 4
+    dropout: float = 0.1            # residual dropout (after attention and after the FFN)
+    attention_dropout: float = 0.1  # on attention probabilities; none on the embeddings
+    init_std: float = 0.02
+    scale_output_init: bool = True
+    layer_norm_eps: float = 1e-5
+    activation_checkpointing: bool = False
+    bias: bool = False
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def d_ffn(self) -> int:
+        return self.ffn_mult * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def output_init_std(self) -> float:
+        return self.init_std / math.sqrt(2 * self.n_layers) if self.scale_output_init else self.init_std
+
+    def validate(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "max_positions", "ffn_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GalacticaConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"GalacticaConfig.d_model={self.d_model} must be divisible by "
+                             f"GalacticaConfig.n_heads={self.n_heads}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GalacticaConfig.{name} must be in [0, 1), got {value!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"GalacticaConfig.init_std must be > 0, got {self.init_std!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"GalacticaConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+
+    def validate_tensor_parallel(self, tp_size: int) -> None:
+        """Heads, FFN width and vocabulary are split over TP ranks: each must divide evenly."""
+        for name, value in (("n_heads", self.n_heads), ("vocab_size", self.vocab_size), ("d_ffn", self.d_ffn)):
+            if value % tp_size:
+                raise ValueError(f"GalacticaConfig.{name}={value} is not divisible by the tensor-parallel "
+                                 f"size {tp_size} (pad the vocabulary or pick another TP size)")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GalacticaConfig":
+        """`tiny`, `tiny-2l`, or a paper size `125m`, `1.3b`, `6.7b`, `30b`, `120b`; fields can be overridden."""
+        sizes = {**SMALL_SIZES, **PAPER_SIZES}
+        if name not in sizes:
+            raise ValueError(f"GalacticaConfig name {name!r} is unknown; choose one of {sorted(sizes)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"GalacticaConfig has no field(s) {unknown}")
+        n_layers, d_model, n_heads = sizes[name]
+        return replace(cls(n_layers=n_layers, d_model=d_model, n_heads=n_heads), **overrides)
