@@ -24,7 +24,7 @@ from pretrain.train import EXIT_LOSS_GUARD, EXIT_PREEMPTED
 SEQ = 32
 N_SAMPLES = 40
 # 4 samples (128 tokens) a step: 10 steps an epoch; the tiny-2l model; dropout on, to test RNG restore.
-COMMON = ["model.size=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
+COMMON = ["model=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
           "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2"]
 
 
@@ -41,7 +41,7 @@ def shards(tmp_path_factory) -> Path:
         w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
                                          "pad_tokens": 5 if i == N_SAMPLES - 1 else 0})
     w.close()
-    (root / "manifest.json").write_text(json.dumps({"tokenizer": {"vocab_size": 256, "pad_id": 1}}))
+    (root / "manifest.json").write_text(json.dumps({"vocab_size": 256, "pad_id": 1}))
     return root
 
 
@@ -197,7 +197,7 @@ def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):
     assert losses == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     assert {"lr", "tokens_seen", "epoch", "grad_norm", "tokens_per_s", "mfu"} <= set(history[-1])
     (config,) = [r["run"]["config"]["update"] for r in records if r["type"] == "run"]
-    assert config["optim"]["lr_max"] == 6e-4 and config["model"]["size"] == "tiny-2l"
+    assert config["optim"]["lr_max"] == 2e-3 and config["model"]["size"] == "tiny-2l"
     assert "WANDB_API_KEY" not in out.stdout and "api_key" not in out.stdout.lower()
 
 
