@@ -1,0 +1,23 @@
+"""`make train`, the README's first command, as CI runs it: the loss must clearly fall."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_make_train_finishes_and_the_loss_falls(tmp_path):
+    run_dir, shards = tmp_path / "run", tmp_path / "shards"
+    proc = subprocess.run(["make", "-s", "train", f"TRAIN_RUN_DIR={run_dir}", f"SAMPLE_SHARDS={shards}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "event" not in r]
+    assert [e["epoch"] for e in rows if e.get("event") == "epoch_end"] == [1, 2]
+    first, last = steps[0]["loss"], sum(r["loss"] for r in steps[-5:]) / 5
+    assert last < first - 2.0, (first, last)  # from ~ln(8000) = 9.0 to well below 7
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert "epoch_end" in proc.stdout
