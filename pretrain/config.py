@@ -87,6 +87,17 @@ class CheckpointConf:
 
 
 @dataclass
+class ValidationConf:
+    enabled: bool = True  # the rounds described in pretrain/validation.py
+    interval_tokens: int | None = None  # None: only at epoch boundaries and right after them
+    after_boundary_points: int = 2
+    after_boundary_tokens: int | None = None  # None: half an interval, or a tenth of an epoch
+    seen_samples: int = 32  # the fixed probe of training sequences
+    max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)
+    micro_batch_size: int = 4
+
+
+@dataclass
 class TrainConfig:
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)
@@ -95,6 +106,7 @@ class TrainConfig:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    validation: ValidationConf = field(default_factory=ValidationConf)
     run_dir: str = MISSING
     resume: str = "auto"  # auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint dir
     seed: int = 1234  # model init and dropout

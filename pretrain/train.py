@@ -41,6 +41,7 @@ from pretrain.config import ConfigError, TrainConfig, global_batch_samples, regi
 from pretrain.data.loader import EpochLoader
 from pretrain.data.shards import ShardReader
 from pretrain.metrics import Metrics, StepTimer, is_tty, peak_flops
+from pretrain.validation import Validator
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" (slurm/pretrain.sbatch requeues on it)
 EXIT_LOSS_GUARD = 3
@@ -124,6 +125,14 @@ def read_manifest(data_path: Path) -> dict:
     return json.loads(manifest.read_text())
 
 
+def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
+    """model.size with the run's overrides; the vocabulary from the shards' manifest unless model.vocab_size."""
+    m = cfg.model
+    overrides = dict(vocab_size=m.vocab_size or manifest["vocab_size"], dropout=m.dropout,
+                     attention_dropout=m.attention_dropout, activation_checkpointing=m.activation_checkpointing)
+    return GalacticaConfig.from_name(m.size, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def resume_dir(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
     """(checkpoint dir, tag) to resume from, or None for a fresh start."""
     if cfg.resume == "none":
@@ -160,12 +169,7 @@ def run(cfg: DictConfig) -> int:
     manifest = read_manifest(data_path)
     train_samples = ShardReader(data_path / "train")
     seq_len = train_samples.sample_len - 1
-    vocab = typed.model.vocab_size or manifest["tokenizer"]["vocab_size"]
-    overrides = {k: v for k, v in dict(vocab_size=vocab, dropout=typed.model.dropout,
-                                       attention_dropout=typed.model.attention_dropout,
-                                       activation_checkpointing=typed.model.activation_checkpointing).items()
-                 if v is not None}
-    model_cfg = GalacticaConfig.from_name(typed.model.size, **overrides)
+    model_cfg = model_config(typed, manifest)
     validate(typed, seq_len=seq_len, num_heads=model_cfg.n_heads, d_model=model_cfg.d_model,
              world_size=dist.get_world_size(), max_positions=model_cfg.max_positions)
     dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
@@ -194,7 +198,9 @@ def run(cfg: DictConfig) -> int:
     checkpoint.use_weights_only_loading(engine)
     loader = EpochLoader(train_samples, micro_batch_size=t.micro_batch_size, global_batch_size=gbs,
                          dp_rank=dp_rank, dp_size=dp_size, seed=typed.data.seed,
-                         pad_id=manifest["tokenizer"].get("pad_id", 1), prefetch=typed.data.prefetch)
+                         pad_id=manifest.get("pad_id", 1), prefetch=typed.data.prefetch)
+    validator = Validator(typed.validation, data_path, train_samples, seed=typed.data.seed,
+                          pad_id=manifest.get("pad_id", 1), tokens_per_epoch=len(train_samples) * seq_len)
     state = TrainState()
     if start:
         client = checkpoint.load(engine, checkpoint.to_universal(*start) if universal else start[0], start[1])
@@ -267,6 +273,12 @@ def run(cfg: DictConfig) -> int:
         if math.floor(loader.epoch) > epoch_before:
             metrics.event("epoch_end", step=state.step, tokens_seen=state.tokens_seen,
                           epoch=math.floor(loader.epoch), loss=step_loss)
+
+        why = validator.reason(state.tokens_seen - tokens_per_step, state.tokens_seen)
+        if why:
+            result = validator.run(engine, device)
+            metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
+                               repeat=math.floor(loader.epoch), reason=why, **result)
 
         checkpoint.fault_point("step", state.step)
         if state.consecutive_skips >= t.max_consecutive_skips:
@@ -364,7 +376,8 @@ class _Progress:
             self.bar.stop()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: under a console script Hydra would resolve "../conf" as a Python package.
+@hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     code = run(cfg)
     if code:

@@ -1,0 +1,104 @@
+"""Validation rounds: per-source held-out loss and the loss on already-seen training data.
+
+Galactica trained 4.25 epochs and saw the validation loss plateau or rise within an epoch and fall
+again after it (epoch-wise double descent). To see that while a run goes, a round is evaluated
+
+* every ``validation.interval_tokens`` tokens (``reason="interval"``),
+* at every epoch boundary (``"epoch_boundary"``),
+* at ``validation.after_boundary_points`` extra points in the first ``after_boundary_tokens`` after
+  each boundary (``"after_boundary"``), where the effect shows first.
+
+A round evaluates every held-out set of the shards (``valid/<source>/``), a token-weighted
+``aggregate`` of them, and ``seen``: a fixed sample of training sequences (the same ones every
+round, chosen by the data seed), whose loss against the held-out loss is the memorisation gap.
+Evaluation is data-parallel (each DP rank takes a slice; sums are all-reduced) and tensor-parallel
+like training, in eval mode (no dropout), deterministic.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import parallel
+from pretrain.data.loader import IGNORE_INDEX
+from pretrain.config import ValidationConf
+from pretrain.data.shards import ShardReader
+
+
+class Validator:
+    def __init__(self, conf: ValidationConf, data_path: Path, train: ShardReader, *, seed: int, pad_id: int,
+                 tokens_per_epoch: int):
+        self.conf, self.pad_id = conf, pad_id
+        valid = Path(data_path) / "valid"
+        self.sets: dict[str, tuple[ShardReader, np.ndarray]] = {}
+        for d in sorted(p for p in valid.iterdir() if (p / "index.json").exists()) if valid.is_dir() else []:
+            reader = ShardReader(d)
+            n = len(reader) if conf.max_samples_per_source is None else min(len(reader), conf.max_samples_per_source)
+            self.sets[d.name] = (reader, np.arange(n))
+        probe = np.random.default_rng([seed, 2**31 - 1]).choice(len(train), min(conf.seen_samples, len(train)),
+                                                                replace=False)
+        self.sets["seen"] = (train, np.sort(probe))
+        self.tokens_per_epoch = tokens_per_epoch
+        after = conf.after_boundary_tokens or (conf.interval_tokens // 2 if conf.interval_tokens
+                                                else tokens_per_epoch // 10)
+        points = conf.after_boundary_points
+        self.after_offsets = [after * (k + 1) // points for k in range(points)]  # evenly in (0, after]
+
+    @property
+    def held_out(self) -> list[str]:
+        return [s for s in self.sets if s != "seen"]
+
+    def reason(self, before: int, after: int) -> str | None:
+        """Why a round is due after a step that moved tokens_seen from ``before`` to ``after``."""
+        if not self.conf.enabled:
+            return None
+        epoch_b, epoch_a = before // self.tokens_per_epoch, after // self.tokens_per_epoch
+        if epoch_a > epoch_b:
+            return "epoch_boundary"
+        start = epoch_a * self.tokens_per_epoch
+        if epoch_a > 0 and any(before < start + off <= after for off in self.after_offsets):
+            return "after_boundary"
+        interval = self.conf.interval_tokens
+        if interval and after // interval > before // interval:
+            return "interval"
+        return None
+
+    @torch.no_grad()
+    def run(self, engine, device) -> dict:
+        """One round: {"losses": {set: mean loss}, "tokens": {set: target tokens}} on every rank."""
+        module = engine.module
+        was_training = module.training
+        module.eval()
+        sums = torch.zeros(len(self.sets), 2, dtype=torch.float64)
+        dp_rank, dp_size, mb = parallel.dp_rank(), parallel.dp_size(), self.conf.micro_batch_size
+        for k, (reader, ids) in enumerate(self.sets.values()):
+            mine = ids[dp_rank::dp_size]
+            # every DP rank runs the same number of forwards (ZeRO-3 gathers parameters collectively)
+            steps = math.ceil(math.ceil(len(ids) / dp_size) / mb)
+            for j in range(steps):
+                chunk = mine[j * mb:(j + 1) * mb]
+                real = len(chunk)
+                if real == 0:
+                    chunk = ids[:1]
+                tokens = torch.from_numpy(np.stack([np.asarray(reader[int(i)], dtype=np.int64) for i in chunk]))
+                labels = tokens[:, 1:].clone()
+                labels[labels == self.pad_id] = IGNORE_INDEX
+                n = int((labels != IGNORE_INDEX).sum())
+                loss = engine(tokens[:, :-1].to(device), labels.to(device))
+                if real and n:
+                    sums[k, 0] += float(loss) * n
+                    sums[k, 1] += n
+        dist.all_reduce(sums, group=parallel.dp_group())
+        module.train(was_training)
+        losses = {name: float(s / n) if n else None for name, (s, n) in zip(self.sets, sums.tolist())}
+        tokens = {name: int(n) for name, (_, n) in zip(self.sets, sums.tolist())}
+        held = [s for s in self.held_out if tokens[s]]
+        if held:
+            total = sum(tokens[s] for s in held)
+            losses["aggregate"] = sum(losses[s] * tokens[s] for s in held) / total
+            tokens["aggregate"] = total
+        return {"losses": losses, "tokens": tokens}
