@@ -182,6 +182,7 @@ def run(cfg: DictConfig) -> int:
     # ---- model, engine, loader
     parallel.manual_seed(typed.seed)
     model = GalacticaLM(model_cfg)
+    n_params, flops_per_token = model.num_parameters(), model.flops_per_token(seq_len)  # before ZeRO-3 partitions
     if device.type == "cuda":
         model = model.to(device)
     start = resume_dir(typed, ckpt_dir)
@@ -216,7 +217,6 @@ def run(cfg: DictConfig) -> int:
     metrics = Metrics(run_dir, enabled=is_main, config=OmegaConf.to_container(cfg, resolve=True),
                       use_wandb=typed.logger.wandb, project=typed.logger.project, group=typed.logger.group,
                       name=typed.logger.name, console=typed.logger.console, resume_step=state.step)
-    n_params = model.num_parameters()
     metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=n_params,
                   world_size=dist.get_world_size(), dp_size=dp_size, tp_size=t.tensor_parallel,
                   zero_stage=typed.deepspeed.zero_stage, global_batch=gbs, grad_accum=grad_accum,
@@ -225,7 +225,7 @@ def run(cfg: DictConfig) -> int:
 
     sample_log = SampleLog(run_dir / "sample_ids.jsonl", state.step) if typed.data.record_sample_ids else None
     guard, preempt = LossGuard(t, state), Preemption()
-    timer = StepTimer(model.flops_per_token(seq_len), peak_flops(device), dist.get_world_size())
+    timer = StepTimer(flops_per_token, peak_flops(device), dist.get_world_size())
     client_state = lambda: {"loader": loader.state_dict(), "train_state": asdict(state),  # noqa: E731
                             "config_hash": config_hash(cfg), "universal_checkpoint_info": {}}
     next_ckpt = _next_multiple(state.tokens_seen, typed.checkpoint.interval_tokens)

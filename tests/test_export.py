@@ -1,0 +1,126 @@
+"""gal-export: a real gal-train checkpoint (ZeRO-3, TP=2) → Hugging Face folder → transformers.
+
+The exported OPTForCausalLM must give the logits of the DeepSpeed engine that loads the same
+checkpoint (tests/dist/export_engine_logits.py, TP=2 under torchrun).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, torchrun
+from pretrain import export
+from pretrain.data.shards import ShardWriter
+from pretrain.tokenizer import GalacticaTokenizer
+from test_train import env, train
+
+SEQ = 32
+VOCAB = 512  # the tokenizer's (the manifest's) vocabulary; the model takes it (model.vocab_size=null)
+TRAIN = ["trainer.max_tokens=384", "logger.wandb=false", "logger.console=false"]  # 3 steps
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """40 synthetic samples with the real ShardWriter, and a real (tiny) tokenizer where gal-prepare puts it."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=16)
+    for i in range(40):
+        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * (i % 5 + 1)) % 250 + 4
+        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0], "pad_tokens": 0})
+    w.close()
+    with gzip.open(REPO / "pretrain" / "data" / "sample" / "docstrings.jsonl.gz", "rt") as f:
+        docs = [json.loads(line)["text"] for _, line in zip(range(300), f)]
+    tok = GalacticaTokenizer.train(docs, root / "tokenizer", vocab_size=VOCAB, progress=False)
+    (root / "manifest.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "pad_id": 1,
+                                                    "tokenizer": {"model": "tokenizer/tokenizer.model"}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def zero3_tp2_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("zero3_tp2") / "run"
+    train(2, run, shards, "deepspeed=zero3", "trainer.tensor_parallel=2", *TRAIN)
+    return run
+
+
+def gal_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "gal-export"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=env())
+
+
+@pytest.mark.multirank
+def test_zero3_tp2_export_gives_the_engines_logits_in_transformers(zero3_tp2_run, tmp_path):
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    from model.hf import import_hf
+
+    input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(input_ids, tmp_path / "inputs.pt")
+    torchrun(2, REPO / "tests" / "dist" / "export_engine_logits.py", str(zero3_tp2_run), str(tmp_path / "inputs.pt"),
+             str(tmp_path / "engine_logits.pt"), env={"WANDB_SILENT": "true"})
+    engine_logits = torch.load(tmp_path / "engine_logits.pt")
+    assert engine_logits.shape == (2, 16, VOCAB)
+
+    out = tmp_path / "hf"
+    proc = gal_export(zero3_tp2_run, out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ZeRO-3, TP 2 × DP 1" in proc.stderr
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "tokenizer.model"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "opt" and config["vocab_size"] == VOCAB and config["num_hidden_layers"] == 2
+
+    hf = OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids).logits
+    err = (hf_logits - engine_logits).abs().max().item()
+    assert err < 1e-4, f"HF logits differ from the engine's by {err:.3g}"
+
+    full = export.consolidate(zero3_tp2_run / "checkpoints" / "step00000003")
+    imported = import_hf(out).state_dict()
+    assert imported.keys() == full.keys()
+    assert all(torch.equal(imported[k], full[k]) for k in full)
+
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "The Fourier transform of a Gaussian is a Gaussian."
+    assert tok(text)["input_ids"] == GalacticaTokenizer.load(out).encode(text)
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)
+
+
+@pytest.mark.multirank
+def test_zero2_dp2_consolidation_equals_the_saved_module_weights(shards, tmp_path):
+    run = tmp_path / "run"
+    train(2, run, shards, "deepspeed=zero2", *TRAIN)
+    tag_dir = run / "checkpoints" / "step00000003"
+    assert len(list(tag_dir.glob("*_optim_states.pt"))) == 2  # one fp32 partition per DP rank
+    full = export.consolidate(tag_dir)
+    # fp32 ZeRO-2 keeps the whole updated model (fp32) in the model-states file as well
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert full.keys() == module.keys()
+    assert all(torch.equal(full[k], module[k]) for k in full)
+
+
+def test_errors_name_the_path_and_a_missing_tokenizer_only_warns(zero3_tp2_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=f"run directory {tmp_path / 'nope'} does not exist"):
+        export.main([str(tmp_path / "nope"), str(tmp_path / "out")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no complete checkpoint in .*empty/checkpoints"):
+        export.main([str(tmp_path / "empty"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="step00000099 does not exist; found: step00000003"):
+        export.main([str(zero3_tp2_run), str(tmp_path / "out"), "--tag", "step00000099"])
+
+    out = tmp_path / "model_only"
+    export.main([str(zero3_tp2_run), str(out), "--tokenizer", str(tmp_path / "no_tokenizer")])
+    assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
+    assert "no tokenizer at" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is not empty"):
+        export.main([str(zero3_tp2_run), str(out), "--tag", "step00000003"])
