@@ -41,7 +41,7 @@ from pretrain.config import ConfigError, TrainConfig, global_batch_samples, regi
 from pretrain.data.loader import EpochLoader
 from pretrain.data.shards import ShardReader
 from pretrain.metrics import Metrics, StepTimer, is_tty, peak_flops
-from pretrain.validation import Validator
+from pretrain.validation import DoubleDescentWatch, Validator
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" (slurm/pretrain.sbatch requeues on it)
 EXIT_LOSS_GUARD = 3
@@ -202,6 +202,7 @@ def run(cfg: DictConfig) -> int:
                          pad_id=manifest.get("pad_id", 1), prefetch=typed.data.prefetch)
     validator = Validator(typed.validation, data_path, train_samples, seed=typed.data.seed,
                           pad_id=manifest.get("pad_id", 1), tokens_per_epoch=len(train_samples) * seq_len)
+    watch = DoubleDescentWatch(run_dir / "metrics.jsonl")
     state = TrainState()
     if start:
         client = checkpoint.load(engine, checkpoint.to_universal(*start) if universal else start[0], start[1])
@@ -279,6 +280,10 @@ def run(cfg: DictConfig) -> int:
             result = validator.run(engine, device)
             metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
                                repeat=math.floor(loader.epoch), reason=why, **result)
+            verdict = watch.update() if is_main else None
+            if verdict:
+                metrics.event("double_descent", step=state.step, tokens_seen=state.tokens_seen,
+                              series="aggregate", **verdict)
 
         checkpoint.fault_point("step", state.step)
         if state.consecutive_skips >= t.max_consecutive_skips:

@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from model import parallel
+from pretrain import doubledescent
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.config import ValidationConf
 from pretrain.data.shards import ShardReader
+from pretrain.metrics import read_metrics
 
 
 class Validator:
@@ -102,3 +104,24 @@ class Validator:
             losses["aggregate"] = sum(losses[s] * tokens[s] for s in held) / total
             tokens["aggregate"] = total
         return {"losses": losses, "tokens": tokens}
+
+
+class DoubleDescentWatch:
+    """Online detection: after each round, :func:`pretrain.doubledescent.from_metrics` on the aggregate
+    held-out curve so far (read back from metrics.jsonl, so a resumed run keeps its history); returns
+    the current epoch's verdict when its shape, bump or overfitting onset changed, else None."""
+
+    def __init__(self, metrics_path: Path):
+        self.path, self.last = metrics_path, None
+
+    def update(self) -> dict | None:
+        epochs = doubledescent.from_metrics(read_metrics(self.path)).epochs
+        if not epochs:
+            return None
+        e = epochs[-1]
+        key = (e.epoch, e.shape, e.bump_peak_tokens, e.overfitting_onset_tokens)
+        if key == self.last or e.shape == "too_short":
+            return None
+        self.last = key
+        return {"epoch": e.epoch, "shape": e.shape, "complete": e.complete, "bump_peak_tokens": e.bump_peak_tokens,
+                "bump_noise": e.bump_noise, "overfitting_onset_tokens": e.overfitting_onset_tokens}

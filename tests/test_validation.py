@@ -1,0 +1,73 @@
+"""Validation rounds in a real 3-epoch run on real (small) shards, and the report built from them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from pretrain.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    shards, run = root / "shards", root / "run"
+    env = {"OMP_NUM_THREADS": "2", "PATH": f"{REPO / '.venv' / 'bin'}:/usr/bin:/bin"}
+    prep = subprocess.run([sys.executable, "-m", "pretrain.prepare", "max_docs_per_file=120", "shards.seq_len=128",
+                           "tokenizer.vocab_size=1000", f"output={shards}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", f"data.path={shards}", f"run_dir={run}",
+                           "model=tiny-2l", "trainer.global_batch_tokens=4096", "trainer.micro_batch_size=8", "trainer.max_epochs=3",
+                           "optim.warmup_tokens=8192", "validation.interval_tokens=16384",
+                           "validation.seen_samples=16", "logger.wandb=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return shards, run
+
+
+def test_rounds_at_every_epoch_boundary_per_source_and_seen(three_epochs):
+    shards, run = three_epochs
+    rows = read_metrics(run / "metrics.jsonl")
+    rounds = [r for r in rows if r.get("event") == "validation"]
+    sources = sorted(p.name for p in (shards / "valid").iterdir())
+    assert sources == ["docstrings", "molecules"]
+    boundary = [r for r in rounds if r["reason"] == "epoch_boundary"]
+    assert [r["repeat"] for r in boundary] == [1, 2, 3]  # after epochs 1, 2 and 3
+    ends = [e["step"] for e in rows if e.get("event") == "epoch_end"]
+    assert [r["step"] for r in boundary] == ends
+    for r in rounds:
+        assert set(r["losses"]) == {*sources, "aggregate", "seen"}
+        held = sum(r["losses"][s] * r["tokens"][s] for s in sources) / sum(r["tokens"][s] for s in sources)
+        assert r["losses"]["aggregate"] == pytest.approx(held)
+        assert 15 * 128 < r["tokens"]["seen"] <= 16 * 128  # the probe: 16 training sequences
+    # every held-out target token is evaluated once: samples × 128 targets, minus the padding
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for s in sources:
+        split = manifest["splits"][f"valid/{s}"]
+        assert rounds[0]["tokens"][s] == split["samples"] * 128 - split["pad_tokens"]
+    assert [r["reason"] for r in rounds].count("after_boundary") == 2 * 2  # two points after epochs 1 and 2
+    assert any(r["reason"] == "interval" for r in rounds)
+    # the model learns: held-out and seen losses at the last boundary are below the first round's
+    assert boundary[-1]["losses"]["aggregate"] < rounds[0]["losses"]["aggregate"]
+    assert boundary[-1]["losses"]["seen"] < rounds[0]["losses"]["seen"]
+
+
+def test_online_detection_events_and_the_report(three_epochs):
+    _, run = three_epochs
+    rows = read_metrics(run / "metrics.jsonl")
+    verdicts = [r for r in rows if r.get("event") == "double_descent"]
+    assert verdicts and all(v["series"] == "aggregate" and v["epoch"] in (1, 2, 3) for v in verdicts)
+    assert {v["shape"] for v in verdicts} <= {"monotone", "plateau", "descent_ascent_descent", "ascending"}
+
+    proc = subprocess.run([sys.executable, "-m", "pretrain.report", str(run)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    png = run / "report" / "double_descent.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    assert "Muennighoff" in (run / "report" / "summary.md").read_text()
