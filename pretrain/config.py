@@ -20,6 +20,9 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConf:
     size: str = "tiny"  # tiny | 125m | 1.3b | 6.7b | 30b | 120b (model.config.GalacticaConfig.from_name)
+    n_layers: Optional[int] = None  # None: the size's shape; set these three for a custom shape
+    d_model: Optional[int] = None
+    n_heads: Optional[int] = None
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary, read from the shards' manifest
     dropout: Optional[float] = None  # None: the size's default (0.1, as in the paper)
     attention_dropout: Optional[float] = None

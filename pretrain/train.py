@@ -30,6 +30,7 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launch.env import detect
@@ -118,6 +119,13 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def wandb_group(cfg: TrainConfig) -> str | None:
+    """logger.group, or in a multirun (-m) the sweep directory's name, so that a sweep's points group."""
+    if cfg.logger.group or not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cfg.logger.group
+    return Path(HydraConfig.get().sweep.dir).name
+
+
 def read_manifest(data_path: Path) -> dict:
     manifest = data_path / "manifest.json"
     if not manifest.exists():
@@ -128,7 +136,8 @@ def read_manifest(data_path: Path) -> dict:
 def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
     """model.size with the run's overrides; the vocabulary from the shards' manifest unless model.vocab_size."""
     m = cfg.model
-    overrides = dict(vocab_size=m.vocab_size or manifest["vocab_size"], dropout=m.dropout,
+    overrides = dict(n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                     vocab_size=m.vocab_size or manifest["vocab_size"], dropout=m.dropout,
                      attention_dropout=m.attention_dropout, activation_checkpointing=m.activation_checkpointing)
     return GalacticaConfig.from_name(m.size, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -216,7 +225,7 @@ def run(cfg: DictConfig) -> int:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
     metrics = Metrics(run_dir, enabled=is_main, config=OmegaConf.to_container(cfg, resolve=True),
-                      use_wandb=typed.logger.wandb, project=typed.logger.project, group=typed.logger.group,
+                      use_wandb=typed.logger.wandb, project=typed.logger.project, group=wandb_group(typed),
                       name=typed.logger.name, console=typed.logger.console, resume_step=state.step)
     metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=n_params,
                   world_size=dist.get_world_size(), dp_size=dp_size, tp_size=t.tensor_parallel,

@@ -16,6 +16,7 @@ like training, in eval mode (no dropout), deterministic.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from pretrain import doubledescent
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.config import ValidationConf
 from pretrain.data.shards import ShardReader
-from pretrain.metrics import read_metrics
 
 
 class Validator:
@@ -108,14 +108,32 @@ class Validator:
 
 class DoubleDescentWatch:
     """Online detection: after each round, :func:`pretrain.doubledescent.from_metrics` on the aggregate
-    held-out curve so far (read back from metrics.jsonl, so a resumed run keeps its history); returns
-    the current epoch's verdict when its shape, bump or overfitting onset changed, else None."""
+    held-out curve so far; returns the current epoch's verdict when its shape, bump or overfitting onset
+    changed, else None. The history is metrics.jsonl itself (so a resumed run keeps it), read
+    incrementally: each update parses only the lines appended since the last one."""
 
     def __init__(self, metrics_path: Path):
         self.path, self.last = metrics_path, None
+        self.rows: list[dict] = []  # the validation rounds and epoch ends so far
+        self.offset = 0
+
+    def _read_new(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a half-written last line waits for the next update
+        for line in chunk[:end].splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row.get("event") in ("validation", "epoch_end"):
+                    self.rows.append(row)
+        self.offset += end
 
     def update(self) -> dict | None:
-        epochs = doubledescent.from_metrics(read_metrics(self.path)).epochs
+        self._read_new()
+        epochs = doubledescent.from_metrics(self.rows).epochs
         if not epochs:
             return None
         e = epochs[-1]

@@ -129,3 +129,34 @@ def test_noise_methods_and_bad_input():
     # missing losses (None) are dropped, not fatal
     r = detect(np.arange(10), [None] + [3.0 - 0.1 * i for i in range(1, 10)], [])
     assert r.epochs[0].n_points == 9 and r.epochs[0].shape == "monotone"
+
+
+def test_online_watch_reads_only_new_lines_and_waits_for_a_half_written_one(tmp_path):
+    """DoubleDescentWatch tails metrics.jsonl: the verdict equals the offline one, a partial last line is
+    left for the next update, and unrelated rows are not kept."""
+    from pretrain.doubledescent import from_metrics
+    from pretrain.validation import DoubleDescentWatch
+
+    t = rounds()
+    y = bumpy(t) + np.random.default_rng(0).normal(0, SIGMA, len(t))
+    rows = []
+    for i, (tok, loss) in enumerate(zip(t.tolist(), y.tolist())):
+        rows.append({"step": i, "tokens_seen": tok, "loss": 5.0})  # a training row: not kept
+        rows.append({"event": "validation", "tokens_seen": tok, "losses": {"aggregate": loss}})
+        if (i + 1) % N == 0:
+            rows.append({"event": "epoch_end", "tokens_seen": tok, "epoch": (i + 1) // N})
+    path = tmp_path / "metrics.jsonl"
+    watch = DoubleDescentWatch(path)
+    assert watch.update() is None  # no file yet
+    lines = [json.dumps(r) + "\n" for r in rows]
+    half = len(lines) // 2
+    path.write_text("".join(lines[:half]) + lines[half][:10])  # killed mid-write
+    watch.update()
+    assert len(watch.rows) == sum(1 for r in rows[:half] if "event" in r)
+    path.write_text("".join(lines))  # the rest arrives (the partial line completed)
+    verdict = watch.update()
+    assert len(watch.rows) == sum(1 for r in rows if "event" in r)
+    offline = from_metrics(rows).epochs[-1]
+    assert verdict is not None and verdict["shape"] == offline.shape == "descent_ascent_descent"
+    assert verdict["bump_peak_tokens"] == offline.bump_peak_tokens
+    assert watch.update() is None  # nothing changed: no new event
