@@ -98,6 +98,14 @@ class ValidationConf:
     seen_samples: int = 32  # the fixed probe of training sequences
     max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)
     micro_batch_size: int = 4
+    # chemistry probes (pretrain/probes.py) in every round: SMILES → formula exact match on held-out
+    # molecules, and the RDKit parse rate of sampled SMILES
+    probes: bool = False
+    probe_molecules: int = 64  # held-out molecules (a fixed random subset of the shards' probes/)
+    probe_max_new_tokens: int = 48  # greedy tokens for a formula (it ends at a newline)
+    probe_smiles_samples: int = 16  # sampled continuations of [START_I_SMILES]
+    probe_smiles_max_new_tokens: int = 128  # a SMILES not closed by then counts as invalid
+    probe_batch_size: int = 16  # prompts decoded together
 
 
 @dataclass
@@ -151,6 +159,14 @@ def validate(cfg: TrainConfig, *, seq_len: int, num_heads: int, d_model: int, wo
         raise ConfigError("set trainer.max_tokens or trainer.max_epochs: the run needs a length")
     if not 0 < cfg.optim.lr_final_ratio <= 1:
         raise ConfigError(f"optim.lr_final_ratio={cfg.optim.lr_final_ratio} must be in (0, 1]")
+    v = cfg.validation
+    for key in ("probe_molecules", "probe_max_new_tokens", "probe_smiles_samples", "probe_smiles_max_new_tokens",
+                "probe_batch_size"):
+        if v.probes and getattr(v, key) < 1:
+            raise ConfigError(f"validation.{key}={getattr(v, key)} must be >= 1")
+    if v.probes and max(v.probe_max_new_tokens, v.probe_smiles_max_new_tokens) >= max_positions:
+        raise ConfigError(f"validation.probe_max_new_tokens / probe_smiles_max_new_tokens must be below the "
+                          f"model's {max_positions} positions")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         raise ConfigError("resume must be auto, none or a checkpoint directory")
 

@@ -79,21 +79,27 @@ class Metrics:
             self.console.print(f"[bold]{name}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
 
     def validation(self, *, step: int, tokens_seen: int, epoch: float, repeat: int, reason: str,
-                   losses: dict, tokens: dict) -> None:
-        """A validation round: one row in metrics.jsonl; ``valid/<set>/loss`` series in wandb."""
+                   losses: dict, tokens: dict, probes: dict | None = None) -> None:
+        """A validation round: one row in metrics.jsonl; ``valid/<set>/loss`` series in wandb, and with
+        the chemistry probes (pretrain/probes.py) a ``probes`` entry / ``probe/<name>`` series."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"event": "validation", "step": step, "tokens_seen": tokens_seen,
-                                    "epoch": epoch, "repeat": repeat, "reason": reason, "losses": losses,
-                                    "tokens": tokens}) + "\n")
+        row = {"event": "validation", "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat,
+               "reason": reason, "losses": losses, "tokens": tokens}
+        if probes is not None:
+            row["probes"] = probes
+        self.file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({"tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat,
-                                **{f"valid/{k}/loss": v for k, v in losses.items() if v is not None}})
+                                **{f"valid/{k}/loss": v for k, v in losses.items() if v is not None},
+                                **{f"probe/{k}": v for k, v in (probes or {}).items() if v is not None}})
         if self.console is not None:
             agg, seen = losses.get("aggregate"), losses.get("seen")
             self.console.print(f"[bold]validation[/bold] ({reason}) step={step} epoch={epoch:.2f} "
                                + (f"held-out={agg:.4f} " if agg is not None else "")
-                               + (f"seen={seen:.4f}" if seen is not None else ""))
+                               + (f"seen={seen:.4f}" if seen is not None else "")
+                               + "".join(f" {k}={v:.3f}" for k, v in (probes or {}).items()
+                                         if k in ("formula_exact_match", "smiles_validity") and v is not None))
 
     def print(self, msg: str) -> None:
         if self.console is not None:

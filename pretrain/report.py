@@ -90,6 +90,7 @@ def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None
             "effective_fraction": effective_tokens(tokens_end, unique) / tokens_end if tokens_end else None,
             "shapes_by_source": {s: next((x.shape for x in r.epochs if x.epoch == e.epoch), None)
                                  for s, r in results.items() if s != main},
+            "probes_end": last.get("probes"),  # the chemistry probes of the epoch's last round (pretrain/probes.py)
         })
     return {"series": main, "unique_tokens": unique, "effective_data_formula": EFFECTIVE_DATA_FORMULA,
             "r_star_d": R_STAR_D, "noise": results[main].noise, "epochs": epochs,
@@ -116,6 +117,13 @@ def markdown(summary: dict, run_dir: Path) -> str:
         lines.append(f"| {e['epoch']}{'' if e['complete'] else ' (running)'} | {e['repeat']} | {e['rounds']} | "
                      f"{f(e['loss_start'])} | {f(e['loss_end'])} | {f(e['loss_min'])} | {f(e['seen_loss_end'])} | "
                      f"{f(e['gap_end'])} | {e['shape']} | {bump} | {onset} | {e['effective_tokens']:,.0f} |")
+    if any(e.get("probes_end") for e in summary["epochs"]):
+        lines += ["", "Chemistry probes at each epoch's last round (`pretrain/probes.py`):", "",
+                  "| epoch | formula exact match (S2F) | SMILES validity |", "|---|---|---|"]
+        for e in summary["epochs"]:
+            p = e.get("probes_end") or {}
+            lines.append(f"| {e['epoch']} | {f(p.get('formula_exact_match'), '.3f')} | "
+                         f"{f(p.get('smiles_validity'), '.3f')} |")
     sources = [s for s in summary["detection"] if s != summary["series"]]
     if sources:
         lines += ["", "Shape per source and epoch:", "", "| source | " + " | ".join(

@@ -12,12 +12,14 @@ A round evaluates every held-out set of the shards (``valid/<source>/``), a toke
 ``aggregate`` of them, and ``seen``: a fixed sample of training sequences (the same ones every
 round, chosen by the data seed), whose loss against the held-out loss is the memorisation gap.
 Evaluation is data-parallel (each DP rank takes a slice; sums are all-reduced) and tensor-parallel
-like training, in eval mode (no dropout), deterministic.
+like training, in eval mode (no dropout), deterministic. With ``validation.probes`` a round also runs
+the chemistry probes (pretrain/probes.py: SMILES → formula exact match, SMILES validity).
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from pretrain import doubledescent
 from pretrain.data.loader import IGNORE_INDEX
 from pretrain.config import ValidationConf
 from pretrain.data.shards import ShardReader
+from pretrain.probes import ChemistryProbes
 
 
 class Validator:
@@ -49,6 +52,14 @@ class Validator:
                                                 else tokens_per_epoch // 10)
         points = conf.after_boundary_points
         self.after_offsets = [after * (k + 1) // points for k in range(points)]  # evenly in (0, after]
+        self.probes = None
+        if conf.enabled and conf.probes:
+            manifest = json.loads((Path(data_path) / "manifest.json").read_text())
+            self.probes = ChemistryProbes(conf, data_path, manifest, seed=seed)
+            if not self.probes.records and dist.get_rank() == 0:
+                print(f"warning: validation.probes=true but {data_path}/manifest.json lists no held-out molecules "
+                      "with a formula (no molecules source, or shards from an older gal-prepare): "
+                      "formula_exact_match will be null", file=sys.stderr)
 
     @property
     def held_out(self) -> list[str]:
@@ -94,7 +105,9 @@ class Validator:
                 if real and n:
                     sums[k, 0] += float(loss) * n
                     sums[k, 1] += n
+        sums = sums.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(sums, group=parallel.dp_group())
+        sums = sums.cpu()
         module.train(was_training)
         losses = {name: float(s / n) if n else None for name, (s, n) in zip(self.sets, sums.tolist())}
         tokens = {name: int(n) for name, (_, n) in zip(self.sets, sums.tolist())}
@@ -103,6 +116,8 @@ class Validator:
             total = sum(tokens[s] for s in held)
             losses["aggregate"] = sum(losses[s] * tokens[s] for s in held) / total
             tokens["aggregate"] = total
+        if self.probes is not None:
+            return {"losses": losses, "tokens": tokens, "probes": self.probes.run(engine, device)}
         return {"losses": losses, "tokens": tokens}
 
 

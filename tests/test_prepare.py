@@ -53,9 +53,9 @@ def _splits_by_id(out) -> dict[str, str]:
 def test_markup_templates():
     r = Renderer(make_cfg().corpus)
     assert r.render("molecules", {"smiles": "CC(=O)O", "name": "acetic acid", "properties": {"mp": "16.6 °C"}}) == \
-        "acetic acid\n\n[START_SMILES]CC(=O)O[END_SMILES]\n\nmp: 16.6 °C"
-    for iso in ("C[C@H](N)C(=O)O", "C/C=C/C", "C/C=C\\C"):
-        assert r.render("molecules", {"smiles": iso}) == f"[START_I_SMILES]{iso}[END_I_SMILES]"
+        "acetic acid\n\n[START_SMILES]CC(=O)O[END_SMILES]\n\nFormula: C2H4O2\n\nmp: 16.6 °C"
+    for iso, formula in (("C[C@H](N)C(=O)O", "C3H7NO2"), ("C/C=C/C", "C4H8"), ("C/C=C\\C", "C4H8")):
+        assert r.render("molecules", {"smiles": iso}) == f"[START_I_SMILES]{iso}[END_I_SMILES]\n\nFormula: {formula}"
     assert r.render("proteins", {"sequence": "mkv lli\nAG", "description": "a protein"}) == \
         "a protein\n\n[START_AMINO]MKVLLIAG[END_AMINO]"
     assert r.render("dna", {"sequence": "acgt\nACGTN"}) == "[START_DNA]ACGTACGTN[END_DNA]"

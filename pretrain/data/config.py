@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 class SourceFormat:
     # Parts of the document, joined by a blank line. `{field}` inserts a record field, `{field|f}`
     # passes it through a formatter: smiles, amino, dna (Galactica span markup), properties (a dict
-    # as "key: value" lines), cite (wraps the matches of citation_regex in [START_REF]…[END_REF]).
+    # as "key: value" lines), cite (wraps the matches of citation_regex in [START_REF]…[END_REF]),
+    # formula (a SMILES field → RDKit's molecular formula; held-out records become probe records).
     # A part whose fields are absent or empty is left out.
     template: List[str] = field(default_factory=lambda: ["{text}"])
     required: List[str] = field(default_factory=lambda: ["text"])  # missing/empty → bad input

@@ -6,10 +6,17 @@ Templates come from the corpus config (`conf/corpus/*.yaml`), see :class:`Source
   dna         `[START_DNA]…[END_DNA]` (uppercase IUPAC nucleotides)
   properties  a JSON object as "key: value" lines
   cite        matches of the source's citation_regex (group 1) wrapped in `[START_REF]…[END_REF]`
+  formula     a SMILES field → its molecular formula by RDKit's CalcMolFormula (Hill order, charge
+              last: "C9H13NO2", "H4N+"); a SMILES RDKit cannot parse renders nothing, so its part is
+              left out (the document is kept; the manifest counts these as `no_formula`)
 Text fields are cleaned (:func:`clean_text`); `<work>` and markup already in the input are kept.
+
+:meth:`Renderer.formula_probe` gives the chemistry probe's view of a record (pretrain/probes.py):
+the document text up to its formula, and the formula itself.
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from typing import Any, Callable
@@ -17,7 +24,7 @@ from typing import Any, Callable
 from .clean import clean_sequence, clean_text
 from .config import ConfigError, SourceFormat
 
-FORMATTERS = (None, "smiles", "amino", "dna", "properties", "cite")
+FORMATTERS = (None, "smiles", "amino", "dna", "properties", "cite", "formula")
 
 AMINO = set("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 DNA = set("ACGTUNRYKMSWBDHV")
@@ -36,6 +43,17 @@ def smiles_span(s: str) -> str:
     if any(c in s for c in "@/\\"):
         return f"[START_I_SMILES]{s}[END_I_SMILES]"
     return f"[START_SMILES]{s}[END_SMILES]"
+
+
+@functools.lru_cache(maxsize=4096)  # render and formula_probe ask for the same molecule in turn
+def molecular_formula(smiles: str) -> str | None:
+    """RDKit's CalcMolFormula of a SMILES (isotopes folded into their element), None if it does not parse."""
+    from rdkit import Chem, RDLogger
+    from rdkit.Chem.rdMolDescriptors import CalcMolFormula
+
+    RDLogger.DisableLog("rdApp.*")  # a bad SMILES is an outcome here, not a message on stderr
+    mol = Chem.MolFromSmiles(clean_sequence(smiles))
+    return CalcMolFormula(mol) if mol is not None else None
 
 
 def _sequence_span(alphabet: set[str], start: str, end: str) -> Callable[[str], str]:
@@ -60,6 +78,9 @@ class Renderer:
                 if formatter not in FORMATTERS:
                     raise ConfigError(f"corpus.{name}.template: unknown formatter {formatter!r} "
                                       f"(known: {', '.join(f for f in FORMATTERS if f)})")
+        # sources whose documents carry a formula (their held-out records become probe records)
+        self.formula_sources = {name for name, parts in self.parts.items()
+                                if any(fmt == "formula" for part in parts for _, _, fmt in part)}
         self.citations = {name: re.compile(f.citation_regex, re.MULTILINE) if f.citation_regex else None
                           for name, f in formats.items()}
 
@@ -73,6 +94,28 @@ class Renderer:
         return out
 
     def render(self, source: str, record: dict[str, Any]) -> str:
+        return "\n\n".join(text for text, _ in self._pieces(source, record))
+
+    def formula_probe(self, source: str, record: dict[str, Any]) -> dict[str, str] | None:
+        """{"prompt", "smiles", "formula"} of a record of a source with a `|formula` field, or None
+        (another source, or a SMILES that RDKit cannot parse).
+
+        The prompt is the rendered document up to the formula, its label included and trailing spaces
+        left out ("aspirin\n\n[START_SMILES]…[END_SMILES]\n\nFormula:"): it ends on a word boundary of
+        the tokenizer (a space starts the next word), so its tokens are a prefix of the document's.
+        """
+        if source not in self.formula_sources:
+            return None
+        pieces = self._pieces(source, record)
+        for k, (text, at) in enumerate(pieces):
+            if at is not None:
+                start, end, field = at
+                prompt = "\n\n".join([t for t, _ in pieces[:k]] + [text[:start].rstrip(" ")])
+                return {"prompt": prompt, "smiles": clean_sequence(str(record[field])), "formula": text[start:end]}
+        return None
+
+    def _pieces(self, source: str, record: dict[str, Any]) -> list[tuple[str, tuple[int, int, str] | None]]:
+        """The rendered parts that are kept, each with (start, end, field) of its formula value, or None."""
         fmt = self.formats[source]
         for key in fmt.required:
             value = record.get(key)
@@ -81,9 +124,10 @@ class Renderer:
                 raise RecordError(reason, f"field {key!r} is {'missing' if key not in record else 'empty'}")
         pieces = []
         for part in self.parts[source]:
-            text = []
+            text, at, size = [], None, 0
             for literal, field, formatter in part:
                 text.append(literal)
+                size += len(literal)
                 if field is None:
                     continue
                 value = record.get(field)
@@ -92,14 +136,20 @@ class Renderer:
                 value = self._format(source, value, formatter)
                 if not value:
                     break
+                if formatter == "formula" and at is None:
+                    at = (size, size + len(value), field)
                 text.append(value)
+                size += len(value)
             else:
-                pieces.append("".join(text))
-        return "\n\n".join(p for p in pieces if p.strip())
+                if "".join(text).strip():
+                    pieces.append(("".join(text), at))
+        return pieces
 
     def _format(self, source: str, value: Any, formatter: str | None) -> str:
         if formatter == "smiles":
             return smiles_span(str(value))
+        if formatter == "formula":
+            return molecular_formula(str(value)) or ""
         if formatter == "amino":
             return _sequence_span(AMINO, "[START_AMINO]", "[END_AMINO]")(str(value))
         if formatter == "dna":

@@ -2,7 +2,9 @@
 
 Two streaming passes with bounded memory (except the dedup tables, see dedup.py):
   1. read lines → (workers) parse, clean, render the Galactica markup, hash, MinHash → (main, in
-     input order) dedup, split, append to a work file of kept documents; pick the tokenizer sample.
+     input order) dedup, split, append to a work file of kept documents; pick the tokenizer sample;
+     write the held-out records of sources with a formula to probes/<source>.jsonl (the chemistry
+     probe's prompts and gold formulas, pretrain/probes.py).
   2. train the tokenizer on the sample; read the work file → (workers) tokenize → (main) pack into
      samples of seq_len + 1 tokens → shards + index per split.
 Everything is written into a temporary directory beside the output, renamed into place at the end,
@@ -92,7 +94,8 @@ def _clean_one(raw: RawLine) -> tuple:
         return ("drop", source, "too_long")
     signer: Signer | None = _W["signer"]
     signature = signer.signature(text) if signer is not None and fmt.near_dedup else None
-    return ("doc", doc_id, source, text, content_hash(text), signature)
+    probe = renderer.formula_probe(source, record) if source in renderer.formula_sources else False
+    return ("doc", doc_id, source, text, content_hash(text), signature, probe)
 
 
 def _clean_batch(batch: list[RawLine]) -> list[tuple]:
@@ -145,6 +148,7 @@ class Stats:
             lambda: {"train": collections.Counter(), "valid": collections.Counter()})
         self.lines = 0
         self.input_bytes = 0
+        self.probes: collections.Counter = collections.Counter()  # probe records written per source
 
 
 def _pool(workers: int, initializer, initargs):
@@ -155,7 +159,8 @@ def _pool(workers: int, initializer, initargs):
 
 
 def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats: Stats, progress: bool) -> list[int]:
-    """Clean, dedup and split into the work file; return the byte offsets of the tokenizer sample."""
+    """Clean, dedup and split into the work file, held-out probe records into work/../probes/;
+    return the byte offsets of the tokenizer sample."""
     dedup = Deduplicator(cfg.dedup.exact, cfg.dedup.near, cfg.dedup.threshold, cfg.dedup.num_perm)
     tcfg = cfg.tokenizer
     sample: list[int] = []  # offsets of training documents in the hash sample
@@ -178,6 +183,7 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                 cfg.dedup.num_perm, cfg.dedup.shingle_words, cfg.dedup.near)
     pool = _pool(workers, _init_clean, initargs)
     bar = tqdm(total=total_bytes, desc="clean+dedup", unit="B", unit_scale=True, disable=not progress)
+    probe_files: dict[str, Any] = {}
     try:
         with open(work, "wb") as out:
             for results in ordered_map(pool, _clean_batch, batches(), 4 * max(workers, 1)):
@@ -194,7 +200,7 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                         stats.drops[reason] += 1
                         stats.drops_by_source[source][reason] += 1
                         continue
-                    _, doc_id, source, text, digest, signature = result
+                    _, doc_id, source, text, digest, signature, probe = result
                     duplicate = dedup.check(source, digest, signature)
                     if duplicate:
                         stats.drops[duplicate] += 1
@@ -207,6 +213,14 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                     c = stats.counts[source][split]
                     c["documents"] += 1
                     c["chars"] += len(text)
+                    if probe is not False:  # a source with a formula: count the documents without one
+                        c["no_formula"] += probe is None
+                    if probe and split == "valid":
+                        if source not in probe_files:
+                            (work.parent.parent / "probes").mkdir(exist_ok=True)
+                            probe_files[source] = open(work.parent.parent / "probes" / f"{source}.jsonl", "w")
+                        probe_files[source].write(json.dumps({"id": doc_id, **probe}, ensure_ascii=False) + "\n")
+                        stats.probes[source] += 1
                     if split == "train":
                         u = unit_hash(f"tokenizer-sample-{tcfg.seed}", doc_id)
                         if u < tcfg.sample_fraction:
@@ -217,6 +231,8 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                             heapq.heapreplace(smallest, (-u, offset))
     finally:
         bar.close()
+        for f in probe_files.values():
+            f.close()
         if pool is not None:
             pool.terminate()
     need_more = max(0, tcfg.min_sample_docs - len(sample))
@@ -383,6 +399,8 @@ def _manifest(cfg, files, stats: Stats, splits, tok, sample, timing, workers) ->
         "drops": dict(sorted(stats.drops.items())),
         "drops_by_source": {s: dict(sorted(c.items())) for s, c in sorted(stats.drops_by_source.items())},
         "dedup": {r: stats.drops[r] for r in sorted(dedup_reasons)},
+        # held-out records of sources with a formula: prompt, SMILES and gold formula (pretrain/probes.py)
+        "probes": {s: {"path": f"probes/{s}.jsonl", "records": n} for s, n in sorted(stats.probes.items())},
         "timing": {k: round(v, 3) for k, v in timing.items()},
         "workers": workers,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
