@@ -3,9 +3,11 @@
 One place reads them, in this order:
 
 * **torchrun** (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``);
-* **SLURM** under ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``; the master is the
-  first host of ``SLURM_JOB_NODELIST`` as ``scontrol show hostnames`` expands it; the port is derived
-  from the job id so that two jobs sharing a node do not collide);
+* **SLURM** under ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``; the master
+  is ``MASTER_ADDR`` if set, else the first host of the step's nodelist as ``scontrol show hostnames``
+  expands it; the port is derived from the job id so that two jobs sharing a node do not collide).
+  The batch script itself also carries ``SLURM_PROCID=0`` but no step id: there a world of more than
+  one task is an error (start the tasks with srun), a world of one is a single process;
 * **nothing**: a single process, rank 0 of 1.
 
 No ssh, no pdsh, no hostfile: every process finds the others through the master address.
@@ -13,6 +15,7 @@ No ssh, no pdsh, no hostfile: every process finds the others through the master 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -39,7 +42,8 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM nodelist such as ``gpu[003-005,009]``."""
+    """The first host of a SLURM nodelist such as ``gpu[003-005,009]``, as ``scontrol show hostnames``
+    expands it; without a working scontrol (no slurm.conf, a container) the first entry is expanded here."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()
@@ -47,13 +51,22 @@ def first_slurm_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    # scontrol missing (e.g. inside a container): expand the first entry ourselves
-    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
-    if "[" not in head:
-        return head
-    prefix, ranges = head.split("[", 1)
-    first = ranges.rstrip("]").split(",")[0].split("-")[0]
-    return prefix + first
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+
+
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """``SLURM_TASKS_PER_NODE`` such as ``2(x3),1`` → the task count of node ``node_id``."""
+    counts = []
+    for part in tasks_per_node.split(","):
+        n, _, times = part.partition("(x")
+        counts += [int(n)] * int(times.rstrip(")") or 1)
+    return counts[node_id] if node_id < len(counts) else counts[-1]
 
 
 def detect(environ: dict | None = None) -> DistEnv:
@@ -63,11 +76,19 @@ def detect(environ: dict | None = None) -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world,
                        int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"),
                        int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
-        world = int(env["SLURM_NTASKS"])
-        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or max(1, world // max(1, nodes)))
-        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+    if "SLURM_PROCID" in env and "SLURM_JOB_ID" in env:
+        step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+        if step is None:  # the batch script itself (it has SLURM_PROCID=0 too), not an srun task
+            if world > 1:
+                raise RuntimeError(f"SLURM_NTASKS={world}, but this process is the job's batch script, not one "
+                                   "of its tasks: start one process per task with srun (slurm/pretrain.sbatch)")
+            return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0) or 0), "single")
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
+        local_world = _tasks_on_node(per_node, int(env.get("SLURM_NODEID", 0)))
+        # rank 0 runs on the first node of the step (a step may use a subset of the job's nodes)
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
         port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world, addr,
                        port, "slurm")

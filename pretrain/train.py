@@ -21,6 +21,7 @@ import logging
 import os
 import math
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launch.env import detect
+from launch.env import check_topology, detect
 from model import parallel
 from model.config import GalacticaConfig
 from model.transformer import GalacticaLM
@@ -98,6 +99,14 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def wait_at(self, step: int, timeout_s: float = 600.0) -> None:
+        """Drills and tests: with ``GAL_FAULT_PAUSE=step:N`` every rank waits after step N until the
+        signal arrives, so a preemption lands at a known step however fast the machine is."""
+        if os.environ.get("GAL_FAULT_PAUSE") == f"step:{step}":
+            deadline = time.monotonic() + timeout_s
+            while not self.requested and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def agreed(self, device) -> bool:
         flag = torch.tensor([float(self.requested)], device=device)
@@ -170,7 +179,8 @@ def run(cfg: DictConfig) -> int:
     t = typed.trainer
 
     device = pick_device(typed, env.local_rank)
-    parallel.init_distributed(t.tensor_parallel)
+    check_topology(env.world_size, t.tensor_parallel, env.local_world_size, gpus=device.type == "cuda")
+    parallel.init_distributed(t.tensor_parallel, backend="nccl" if device.type == "cuda" else "gloo")
     is_main = dist.get_rank() == 0
 
     # ---- data and model shapes, checked before anything is built
@@ -295,6 +305,7 @@ def run(cfg: DictConfig) -> int:
                               series="aggregate", **verdict)
 
         checkpoint.fault_point("step", state.step)
+        preempt.wait_at(state.step)
         if state.consecutive_skips >= t.max_consecutive_skips:
             metrics.event("stopped", step=state.step, reason=f"{state.consecutive_skips} bad steps in a row "
                           f"(trainer.max_consecutive_skips={t.max_consecutive_skips}); last: {bad}")
@@ -394,6 +405,9 @@ class _Progress:
 @hydra.main(config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     code = run(cfg)
+    if code == EXIT_PREEMPTED and os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and dist.get_rank() == 0:
+        # a sweep point (hydra/launcher=slurm): requeue the job; its rerun resumes from the checkpoint
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
     if code:
         sys.exit(code)
 

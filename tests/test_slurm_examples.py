@@ -1,0 +1,46 @@
+"""slurm/examples/*.sh: each paper-size layout composes with Hydra, passes the trainer's own checks for its
+world size, and fits in gal-plan's estimate, so a 128-node job does not die on a config key after queueing."""
+import re
+import shlex
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from model.config import GalacticaConfig
+from pretrain import plan
+from pretrain.config import TrainConfig, register, validate
+
+EXAMPLES = sorted((REPO / "slurm" / "examples").glob("*.sh"))
+
+
+def example_args(path):
+    text = path.read_text()
+    nodes = int(re.search(r"--nodes=(\d+)", text).group(1))
+    line = text[text.index('pretrain.sbatch" \\') + len('pretrain.sbatch" \\'):]
+    overrides = [o for o in shlex.split(line.replace('"$@"', "")) if "=" in o]
+    return nodes, overrides
+
+
+def test_there_is_an_example_per_paper_size():
+    assert [p.stem for p in EXAMPLES] == sorted(["125m", "1.3b", "6.7b", "30b", "120b"])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_composes_validates_and_fits(path):
+    nodes, overrides = example_args(path)
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    typed: TrainConfig = OmegaConf.to_object(cfg)
+    model = GalacticaConfig.from_name(typed.model.size)
+    world = nodes * 8
+    validate(typed, seq_len=2048, num_heads=model.n_heads, d_model=model.d_model, world_size=world,
+             max_positions=model.max_positions)  # raises ConfigError naming the key
+    zero = int(cfg.deepspeed.zero_stage)
+    est = plan.plan(plan.Layout(model=typed.model.size, nodes=nodes, tp=typed.trainer.tensor_parallel, zero=zero,
+                                micro_batch=typed.trainer.micro_batch_size,
+                                activation_checkpointing=typed.model.activation_checkpointing,
+                                global_batch_tokens=typed.trainer.global_batch_tokens))
+    assert est["fits"], f"{path.name}: gal-plan says this layout does not fit: {est['memory_per_gpu']}"
