@@ -8,6 +8,8 @@ One place reads them, in this order:
   expands it; the port is derived from the job id so that two jobs sharing a node do not collide).
   The batch script itself also carries ``SLURM_PROCID=0`` but no step id: there a world of more than
   one task is an error (start the tasks with srun), a world of one is a single process;
+* **submitit's local executor** (``hydra/launcher=local`` with ``tasks_per_node > 1``: one machine,
+  ``SUBMITIT_LOCAL_GLOBALID`` / ``SUBMITIT_LOCAL_NTASKS``; the port is derived from its job id);
 * **nothing**: a single process, rank 0 of 1.
 
 No ssh, no pdsh, no hostfile: every process finds the others through the master address.
@@ -28,7 +30,7 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    source: str  # "torchrun", "slurm" or "single"
+    source: str  # "torchrun", "slurm", "submitit-local" or "single"
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +94,11 @@ def detect(environ: dict | None = None) -> DistEnv:
         port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
         return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world, addr,
                        port, "slurm")
+    if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
+        world = int(env["SUBMITIT_LOCAL_NTASKS"])
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", 0)) % 20000)
+        return DistEnv(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), world, world,
+                       env.get("MASTER_ADDR", "127.0.0.1"), port, "submitit-local")
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0) or 0), "single")
 
 

@@ -62,6 +62,12 @@ def test_a_step_on_some_of_the_jobs_nodes_rendezvous_on_the_steps_first_node(no_
     assert detect(env).master_addr == "node3"
 
 
+def test_submitit_local_tasks():
+    env = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
+           "SUBMITIT_LOCAL_JOB_ID": "43210"}
+    assert detect(env) == DistEnv(1, 1, 2, 2, "127.0.0.1", 20000 + 43210 % 20000, "submitit-local")
+
+
 def test_the_batch_script_without_srun_is_a_clear_error():
     with pytest.raises(RuntimeError, match="SLURM_NTASKS=2.*batch script.*srun"):
         detect(BATCH_SHELL)

@@ -141,10 +141,12 @@ def test_launcher_setup_finds_the_first_nodes_address(slurm_cluster, tmp_path):
 
 
 def test_local_launcher_sweep(shards, tmp_path):
-    """hydra/launcher=local: the points run as submitit jobs on this machine, each in its own directory."""
+    """hydra/launcher=local: the points run as submitit jobs on this machine, each in its own directory,
+    each a 2-rank data-parallel run (launch/env.py reads submitit's local task variables)."""
     sweep = tmp_path / "local_sweep"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("WANDB_")}
-    proc = subprocess.run([str(BIN / "gal-train"), "-m", "hydra/launcher=local", f"run_dir={sweep}",
+    proc = subprocess.run([str(BIN / "gal-train"), "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+                           f"run_dir={sweep}",
                            f"data.path={shards}", "model=tiny-2l", "trainer.global_batch_tokens=128",
                            "trainer.max_tokens=256", "validation.enabled=false", "logger.wandb=false",
                            "logger.console=false", "optim.lr_max=1e-3,2e-3"],
@@ -152,6 +154,6 @@ def test_local_launcher_sweep(shards, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for run, lr_max in zip([sweep / "0", sweep / "1"], LRS):
         (start,) = rows(run, "start")
-        assert start["world_size"] == 1
+        assert (start["world_size"], start["dp_size"]) == (2, 2)
         assert f"lr_max: {lr_max}" in (run / "config.yaml").read_text()
         assert rows(run, "done")[0]["step"] == 2
