@@ -38,6 +38,13 @@ Definitions (all thresholds are fields of :class:`DetectConfig`):
   the segment >= ``min_bump_noise*sigma`` above s[m] (it rose and did not recover within the epoch)
   while the smoothed seen loss fell over the same points by >= ``seen_min_drop_noise*sigma_seen``
   (sigma_seen estimated like sigma on the seen curve). Otherwise ``None``.
+* **Overfitting across epochs** (``Result.overfitting_epoch``, needs ``seen_losses``): the same test
+  on the epoch ends: s[-1] of each complete epoch (smoothed within its own segment, so the boundary
+  drop is not smeared in; the same place in every epoch). With e the epoch whose end is lowest, the run has
+  overfit since epoch e if the last complete epoch ends >= ``min_bump_noise*sigma`` above it while the
+  seen loss at the epoch ends fell by >= ``seen_min_drop_noise*sigma_seen`` from epoch e to the last.
+  This is the slow rise a within-epoch test misses: each epoch's own rise below the noise, their
+  sum above it (Galactica's 120B showed it at the start of epoch 5).
 
 Everything returned is plain Python (``dataclasses.asdict`` gives JSON-serialisable dicts).
 """
@@ -99,6 +106,8 @@ class Result:
     seen_noise: float | None
     epochs: list[EpochResult] = field(default_factory=list)
     config: DetectConfig = field(default_factory=DetectConfig)
+    overfitting_epoch: int | None = None  # best epoch end before a significant rise (module docstring)
+    overfitting_onset_tokens: int | None = None  # the tokens_seen of that epoch end
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +175,14 @@ def detect(tokens, losses, epoch_boundaries, *, seen_losses=None, config: Detect
     for epoch, complete, idx in segs:
         result.epochs.append(_segment(epoch, complete, tokens[idx], losses[idx],
                                       None if seen is None else seen[idx], sigma, sigma_seen, config))
+    ends = [(epoch, idx) for epoch, complete, idx in segs if complete]
+    if seen is not None and len(ends) >= 2:
+        held_end = np.array([smooth(losses[i], config.smooth_points)[-1] for _, i in ends])
+        seen_end = np.array([smooth(seen[i], config.smooth_points)[-1] for _, i in ends])
+        m = int(np.argmin(held_end))
+        if (held_end[-1] - held_end[m] >= config.min_bump_noise * sigma
+                and seen_end[m] - seen_end[-1] >= config.seen_min_drop_noise * sigma_seen):
+            result.overfitting_epoch, result.overfitting_onset_tokens = ends[m][0], int(tokens[ends[m][1][-1]])
     return result
 
 

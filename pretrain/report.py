@@ -94,6 +94,8 @@ def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None
         })
     return {"series": main, "unique_tokens": unique, "effective_data_formula": EFFECTIVE_DATA_FORMULA,
             "r_star_d": R_STAR_D, "noise": results[main].noise, "epochs": epochs,
+            "overfitting_epoch": results[main].overfitting_epoch,
+            "overfitting_onset_tokens": results[main].overfitting_onset_tokens,
             "detection": {s: r.to_dict() for s, r in results.items()}}
 
 
@@ -117,6 +119,13 @@ def markdown(summary: dict, run_dir: Path) -> str:
         lines.append(f"| {e['epoch']}{'' if e['complete'] else ' (running)'} | {e['repeat']} | {e['rounds']} | "
                      f"{f(e['loss_start'])} | {f(e['loss_end'])} | {f(e['loss_min'])} | {f(e['seen_loss_end'])} | "
                      f"{f(e['gap_end'])} | {e['shape']} | {bump} | {onset} | {e['effective_tokens']:,.0f} |")
+    if summary.get("overfitting_epoch") is not None:
+        lines += ["", f"**Overfitting across epochs**: the held-out loss was lowest at the end of epoch "
+                  f"{summary['overfitting_epoch']} ({summary['overfitting_onset_tokens']:,} tokens) and has risen "
+                  "significantly since, while the seen loss kept falling."]
+    else:
+        lines += ["", "No overfitting across epochs (epoch-end held-out losses: no significant rise above their "
+                  "minimum while the seen loss falls)."]
     if any(e.get("probes_end") for e in summary["epochs"]):
         lines += ["", "Chemistry probes at each epoch's last round (`pretrain/probes.py`):", "",
                   "| epoch | formula exact match (S2F) | SMILES validity |", "|---|---|---|"]
@@ -175,6 +184,10 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
                 if e["overfitting_onset_tokens"] is not None:
                     ax.scatter(e["overfitting_onset_tokens"] * scale, curve[e["overfitting_onset_tokens"]],
                                marker="X", s=size, color="red", zorder=5)
+            run_onset = summary["detection"][s].get("overfitting_onset_tokens")
+            if run_onset is not None:  # across epochs
+                ax.scatter(run_onset * scale, curve[run_onset], marker="X", s=size * 2, color="red",
+                           edgecolor="black", zorder=6)
         for b in bounds:
             ax.axvline(b * scale, color="tab:blue", alpha=0.4, lw=1, ls=":")
         pad = 0.1 * (hi - lo) or 0.1

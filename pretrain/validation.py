@@ -148,13 +148,14 @@ class DoubleDescentWatch:
 
     def update(self) -> dict | None:
         self._read_new()
-        epochs = doubledescent.from_metrics(self.rows).epochs
-        if not epochs:
+        result = doubledescent.from_metrics(self.rows)
+        if not result.epochs:
             return None
-        e = epochs[-1]
-        key = (e.epoch, e.shape, e.bump_peak_tokens, e.overfitting_onset_tokens)
+        e = result.epochs[-1]
+        key = (e.epoch, e.shape, e.bump_peak_tokens, e.overfitting_onset_tokens, result.overfitting_epoch)
         if key == self.last or e.shape == "too_short":
             return None
         self.last = key
         return {"epoch": e.epoch, "shape": e.shape, "complete": e.complete, "bump_peak_tokens": e.bump_peak_tokens,
-                "bump_noise": e.bump_noise, "overfitting_onset_tokens": e.overfitting_onset_tokens}
+                "bump_noise": e.bump_noise, "overfitting_onset_tokens": e.overfitting_onset_tokens,
+                "overfitting_since_epoch": result.overfitting_epoch}

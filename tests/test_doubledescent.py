@@ -160,3 +160,22 @@ def test_online_watch_reads_only_new_lines_and_waits_for_a_half_written_one(tmp_
     assert verdict is not None and verdict["shape"] == offline.shape == "descent_ascent_descent"
     assert verdict["bump_peak_tokens"] == offline.bump_peak_tokens
     assert watch.update() is None  # nothing changed: no new event
+
+
+def test_overfitting_across_epochs_is_found_where_each_epoch_alone_is_a_plateau():
+    """Epoch ends fall to a minimum at the end of epoch 3, then each later epoch drifts up by 1.5 sigma
+    (below the in-epoch threshold of 3) while the seen loss keeps falling: the run-level test flags
+    epoch 3; the same curve with a flat seen loss, or without the rise, is not flagged."""
+    epochs = 6
+    t = rounds(epochs)
+    drift = np.where(t <= 3 * EPOCH, 3.0 - 0.1 * t / EPOCH, 2.7 + 1.5 * SIGMA * (t - 3 * EPOCH) / EPOCH)
+    y = drift + np.random.default_rng(1).normal(0, SIGMA, len(t))
+    seen = 3.0 - 0.2 * t / EPOCH
+    bounds = [EPOCH * (k + 1) for k in range(epochs)]
+    r = detect(t, y, bounds, seen_losses=seen)
+    assert [e.overfitting_onset_tokens for e in r.epochs[3:]] == [None] * 3  # no single epoch shows it
+    assert r.overfitting_epoch == 3 and r.overfitting_onset_tokens == 3 * EPOCH
+    assert detect(t, y, bounds, seen_losses=np.full_like(t, 2.0)).overfitting_epoch is None
+    assert detect(t, np.where(t <= 3 * EPOCH, drift, 2.7) + np.random.default_rng(1).normal(0, SIGMA, len(t)),
+                  bounds, seen_losses=seen).overfitting_epoch is None
+    assert detect(t, y, bounds).overfitting_epoch is None  # no seen curve: no verdict
