@@ -158,7 +158,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     series = list(summary["detection"])
     colors = dict(zip(series, plt.cm.tab10.colors * (len(series) // 10 + 1)))
     colors["aggregate"] = "black"
-    fig, axes = plt.subplots(2, 1, figsize=(11, 9), constrained_layout=True)
+    fig, axes = plt.subplots(3, 1, figsize=(11, 12), constrained_layout=True)
     shown = [v for r in valid for v in r["losses"].values() if v is not None]
     lo, hi = min(shown), max(shown)
     for ax, scale, xlabel in ((axes[0], 1.0, "tokens seen"), (axes[1], 1.0 / unique, "epoch")):
@@ -199,8 +199,40 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     axes[0].scatter([], [], marker="X", color="red", label="overfitting onset")
     axes[0].legend(fontsize=8, ncol=2)
     axes[0].set_title("Validation loss; dotted lines: epoch boundaries")
+    _zoom(axes[2], valid, summary, unique, bounds)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _zoom(ax, valid: list[dict], summary: dict, unique: float, bounds: list[int]) -> None:
+    """The main held-out curve over the second half of the run, on its own scale: the within-epoch bumps
+    and the slow rise of overfitting are a few hundredths of a nat, invisible next to the early drop."""
+    main = summary["series"]
+    last = max((r["tokens_seen"] for r in valid), default=0)
+    pts = [(r["tokens_seen"], r["losses"][main]) for r in valid
+           if r["losses"].get(main) is not None and r["tokens_seen"] >= max(unique, last / 2)]
+    if len(pts) < 2:
+        ax.set_visible(False)
+        return
+    t, y = zip(*pts)
+    ax.plot([x / unique for x in t], y, color="black", marker=".", ms=4, lw=1.5, label=f"held-out {main}")
+    for e in summary["detection"][main]["epochs"]:
+        if e["bump_peak_tokens"] is not None and e["bump_peak_tokens"] in dict(pts):
+            ax.scatter(e["bump_peak_tokens"] / unique, dict(pts)[e["bump_peak_tokens"]], marker="^", s=80,
+                       color="white", edgecolor="red", zorder=5, label="bump peak")
+    onset = summary.get("overfitting_onset_tokens")
+    if onset is not None and onset in dict(pts):
+        ax.scatter(onset / unique, dict(pts)[onset], marker="X", s=120, color="red", zorder=6,
+                   label=f"best epoch end before overfitting (epoch {summary['overfitting_epoch']})")
+    for b in bounds:
+        if t[0] <= b <= t[-1]:
+            ax.axvline(b / unique, color="tab:blue", alpha=0.4, lw=1, ls=":")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+    ax.set_title(f"Held-out {main} loss, second half of the run (own scale)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None,
