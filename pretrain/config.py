@@ -95,6 +95,7 @@ class ValidationConf:
     interval_tokens: int | None = None  # None: only at epoch boundaries and right after them
     after_boundary_points: int = 2
     after_boundary_tokens: int | None = None  # None: half an interval, or a tenth of an epoch
+    at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
     seen_samples: int = 32  # the fixed probe of training sequences
     max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)
     micro_batch_size: int = 4

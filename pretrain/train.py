@@ -252,6 +252,11 @@ def run(cfg: DictConfig) -> int:
     progress = _Progress(metrics, total_steps, state.step, enabled=is_main and typed.logger.console)
     exit_code = 0
 
+    if typed.validation.enabled and typed.validation.at_start:  # a fresh model's, or a loaded checkpoint's
+        result = validator.run(engine, device)
+        metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
+                           repeat=math.floor(loader.epoch), reason="start", **result)
+
     # ---- the loop
     while state.step < total_steps:
         batches = loader.next_global_batch()

@@ -71,3 +71,32 @@ def test_online_detection_events_and_the_report(three_epochs):
     summary = json.loads((run / "report" / "summary.json").read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
     assert "Muennighoff" in (run / "report" / "summary.md").read_text()
+
+
+def test_a_checkpoint_validates_to_the_same_numbers_on_1_and_2_data_parallel_ranks(three_epochs, tmp_path):
+    """validation.at_start on the finished run's checkpoint, with the chemistry probes on: the same losses
+    (to fp32 rounding: 1 and 2 ranks group samples into different micro batches) and identical probe
+    results on 1 and on 2 data-parallel ranks (2 ranks load it as a universal checkpoint)."""
+    from conftest import torchrun
+
+    shards, run = three_epochs
+    args = [f"data.path={shards}", f"resume={run / 'checkpoints'}", "model=tiny-2l",
+            "trainer.global_batch_tokens=4096", "trainer.micro_batch_size=8", "trainer.max_epochs=3",
+            "optim.warmup_tokens=8192", "validation.seen_samples=16", "logger.wandb=false",
+            "validation.at_start=true", "validation.probes=true", "validation.probe_molecules=4",
+            "validation.probe_smiles_samples=3", "validation.probe_max_new_tokens=8",
+            "validation.probe_smiles_max_new_tokens=16", "checkpoint.keep_last=1"]
+    rounds = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"dp{nproc}"
+        torchrun(nproc, REPO / "pretrain" / "train.py", *args, f"run_dir={out}", timeout=600)
+        (row,) = [r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "validation"]
+        start = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "start")
+        assert (row["reason"], start["dp_size"], start["resumed"]) == ("start", nproc, True)
+        rounds[nproc] = row
+    one, two = rounds[1], rounds[2]
+    assert one["step"] == two["step"] > 0 and one["tokens"] == two["tokens"]
+    assert set(one["losses"]) == set(two["losses"]) >= {"aggregate", "seen"}
+    for name, loss in one["losses"].items():
+        assert two["losses"][name] == pytest.approx(loss, rel=1e-6, abs=0), name
+    assert one["probes"] == two["probes"] and one["probes"]["formula_molecules"] == 4
