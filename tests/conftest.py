@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +37,19 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
     if proc.returncode != 0:
         pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def synthetic_shards(root: Path, seq_len: int, n_samples: int, samples_per_shard: int = 16, vocab: int = 256) -> Path:
+    """``n_samples`` learnable token ramps (ids 4..253) in real shards under ``root/train``, with a manifest:
+    enough for the trainer when no tokenizer is needed."""
+    from pretrain.data.shards import ShardWriter
+    import json
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(root / "train", seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
+    for i in range(n_samples):
+        toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
+        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0], "pad_tokens": 0})
+    w.close()
+    (root / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "pad_id": 1}))
+    return root

@@ -2,16 +2,14 @@
 over gloo across two nodes, and preemption → checkpoint → exit 75 → requeue → exact resume."""
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pretrain.data.shards import ShardWriter
+from conftest import synthetic_shards
 from pretrain.metrics import read_metrics
 
 from .conftest import REPO
@@ -31,16 +29,7 @@ ON_CPUS = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--time=10"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=32)
-    for i in range(N_SAMPLES):
-        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * (i % 5 + 1)) % 250 + 4
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
-                                         "pad_tokens": 0})
-    w.close()
-    (root / "manifest.json").write_text(json.dumps({"vocab_size": 256, "pad_id": 1}))
-    return root
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), SEQ, N_SAMPLES, samples_per_shard=32)
 
 
 def submit(cluster, run_dir: Path, shards: Path, **extra_env) -> str:

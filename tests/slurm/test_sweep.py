@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from pretrain.data.shards import ShardWriter
+from conftest import synthetic_shards
 from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slurm
@@ -29,16 +28,7 @@ LRS = (1e-3, 2e-3)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=16)
-    for i in range(32):
-        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * (i % 5 + 1)) % 250 + 4
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
-                                         "pad_tokens": 0})
-    w.close()
-    (root / "manifest.json").write_text(json.dumps({"vocab_size": 256, "pad_id": 1}))
-    return root
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), SEQ, 32, samples_per_shard=16)
 
 
 def job_env(cluster) -> dict:
