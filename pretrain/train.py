@@ -94,6 +94,7 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
+        self.pause_at = os.environ.get("GAL_FAULT_PAUSE")  # see wait_at
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -103,7 +104,7 @@ class Preemption:
     def wait_at(self, step: int, timeout_s: float = 600.0) -> None:
         """Drills and tests: with ``GAL_FAULT_PAUSE=step:N`` every rank waits after step N until the
         signal arrives, so a preemption lands at a known step however fast the machine is."""
-        if os.environ.get("GAL_FAULT_PAUSE") == f"step:{step}":
+        if self.pause_at == f"step:{step}":
             deadline = time.monotonic() + timeout_s
             while not self.requested and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -252,10 +253,13 @@ def run(cfg: DictConfig) -> int:
     progress = _Progress(metrics, total_steps, state.step, enabled=is_main and typed.logger.console)
     exit_code = 0
 
-    if typed.validation.enabled and typed.validation.at_start:  # a fresh model's, or a loaded checkpoint's
+    def validation_round(reason: str) -> None:
         result = validator.run(engine, device)
         metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
-                           repeat=math.floor(loader.epoch), reason="start", **result)
+                           repeat=math.floor(loader.epoch), reason=reason, **result)
+
+    if typed.validation.enabled and typed.validation.at_start:  # a fresh model's, or a loaded checkpoint's
+        validation_round("start")
 
     # ---- the loop
     while state.step < total_steps:
@@ -301,9 +305,7 @@ def run(cfg: DictConfig) -> int:
 
         why = validator.reason(state.tokens_seen - tokens_per_step, state.tokens_seen)
         if why:
-            result = validator.run(engine, device)
-            metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
-                               repeat=math.floor(loader.epoch), reason=why, **result)
+            validation_round(why)
             verdict = watch.update() if is_main else None
             if verdict:
                 metrics.event("double_descent", step=state.step, tokens_seen=state.tokens_seen,

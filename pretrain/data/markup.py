@@ -16,7 +16,6 @@ the document text up to its formula, and the formula itself.
 """
 from __future__ import annotations
 
-import functools
 import re
 import string
 from typing import Any, Callable
@@ -45,7 +44,6 @@ def smiles_span(s: str) -> str:
     return f"[START_SMILES]{s}[END_SMILES]"
 
 
-@functools.lru_cache(maxsize=4096)  # render and formula_probe ask for the same molecule in turn
 def molecular_formula(smiles: str) -> str | None:
     """RDKit's CalcMolFormula of a SMILES (isotopes folded into their element), None if it does not parse."""
     from rdkit import Chem, RDLogger
@@ -94,25 +92,29 @@ class Renderer:
         return out
 
     def render(self, source: str, record: dict[str, Any]) -> str:
-        return "\n\n".join(text for text, _ in self._pieces(source, record))
+        return self.render_with_probe(source, record)[0]
 
     def formula_probe(self, source: str, record: dict[str, Any]) -> dict[str, str] | None:
         """{"prompt", "smiles", "formula"} of a record of a source with a `|formula` field, or None
-        (another source, or a SMILES that RDKit cannot parse).
+        (another source, or a SMILES that RDKit cannot parse); see :meth:`render_with_probe`."""
+        return self.render_with_probe(source, record)[1] if source in self.formula_sources else None
 
-        The prompt is the rendered document up to the formula, its label included and trailing spaces
-        left out ("aspirin\n\n[START_SMILES]…[END_SMILES]\n\nFormula:"): it ends on a word boundary of
-        the tokenizer (a space starts the next word), so its tokens are a prefix of the document's.
+    def render_with_probe(self, source: str, record: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+        """The document text, and its formula probe record (or None) from the same rendering.
+
+        The probe's prompt is the rendered document up to the formula, its label included and trailing
+        spaces left out ("aspirin\n\n[START_SMILES]…[END_SMILES]\n\nFormula:"): it ends on a word
+        boundary of the tokenizer (a space starts the next word), so its tokens are a prefix of the document's.
         """
-        if source not in self.formula_sources:
-            return None
         pieces = self._pieces(source, record)
-        for k, (text, at) in enumerate(pieces):
+        text = "\n\n".join(t for t, _ in pieces)
+        for k, (piece, at) in enumerate(pieces):
             if at is not None:
                 start, end, field = at
-                prompt = "\n\n".join([t for t, _ in pieces[:k]] + [text[:start].rstrip(" ")])
-                return {"prompt": prompt, "smiles": clean_sequence(str(record[field])), "formula": text[start:end]}
-        return None
+                prompt = "\n\n".join([t for t, _ in pieces[:k]] + [piece[:start].rstrip(" ")])
+                return text, {"prompt": prompt, "smiles": clean_sequence(str(record[field])),
+                              "formula": piece[start:end]}
+        return text, None
 
     def _pieces(self, source: str, record: dict[str, Any]) -> list[tuple[str, tuple[int, int, str] | None]]:
         """The rendered parts that are kept, each with (start, end, field) of its formula value, or None."""

@@ -80,7 +80,7 @@ def _clean_one(raw: RawLine) -> tuple:
         return ("bad", raw.file_index, raw.line, "unknown_source", f"source {source!r} has no template in the corpus config "
                 f"(known: {known}); add it to conf/corpus/")
     try:
-        text = renderer.render(source, record)
+        text, probe = renderer.render_with_probe(source, record)
     except RecordError as e:
         if e.reason in ("missing_field", "empty_document"):
             return ("bad", raw.file_index, raw.line, e.reason, f"document {doc_id!r}: {e}")
@@ -94,7 +94,8 @@ def _clean_one(raw: RawLine) -> tuple:
         return ("drop", source, "too_long")
     signer: Signer | None = _W["signer"]
     signature = signer.signature(text) if signer is not None and fmt.near_dedup else None
-    probe = renderer.formula_probe(source, record) if source in renderer.formula_sources else False
+    if source not in renderer.formula_sources:
+        probe = False  # no formula expected (None: expected, but RDKit could not parse the SMILES)
     return ("doc", doc_id, source, text, content_hash(text), signature, probe)
 
 
