@@ -11,12 +11,12 @@ around forward and backward (it raises if flash cannot run), ``clip_grad_norm_(1
 ``torch.optim.AdamW(fused=True)``. We use autocast rather than ``model.to(torch.bfloat16)`` because
 pure bf16 weights would lose small AdamW updates; ``--precision bf16`` measures that variant too.
 
-Step ("engine", with ``--engine``): pretrain/engine.py's DeepSpeed engine, ZeRO stage 2, bf16
+Step ("engine", with ``--engine``): pretrain/trainer/engine.py's DeepSpeed engine, ZeRO stage 2, bf16
 (DeepSpeed casts the module to bf16 and keeps fp32 master weights), torch AdamW with fused=True,
 under the same flash SDPA context.
 
 MFU = GalacticaLM.flops_per_token(seq) × tokens/s ÷ the card's dense bf16 peak
-(pretrain/metrics.py: H100 SXM / H200 989 TFLOP/s, from torch.cuda.get_device_name). Megatron builds
+(pretrain/trainer/metrics.py: H100 SXM / H200 989 TFLOP/s, from torch.cuda.get_device_name). Megatron builds
 the weights on the GPU when CUDA is available (model/transformer.py). If a micro batch runs out of
 memory it is halved until one fits (the table says which one ran). Timings: CUDA-synchronized wall
 time per optimizer step, median over ``--steps`` after ``--warmup``.
@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plain step: autocast (fp32 weights, bf16 compute) or model.to(bfloat16)")
     p.add_argument("--engine", action="store_true", help="also time the DeepSpeed engine step (ZeRO-2, bf16)")
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for a GPU not in "
+                   "pretrain/trainer/throughput.py DENSE_BF16_PEAK")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args(argv)
 
@@ -70,9 +72,9 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from model import GalacticaConfig, GalacticaLM, parallel
-    from pretrain import engine as ds_engine
+    from pretrain.trainer import engine as ds_engine
     from pretrain.config import TrainConfig
-    from pretrain.metrics import peak_flops
+    from pretrain.trainer.throughput import peak_flops
 
     device = torch.device("cuda", 0)
     parallel.manual_seed(0)
@@ -126,7 +128,11 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
     step_s = statistics.median(times[args.warmup:])
     tokens = micro_batch * args.grad_accum * args.seq_len
     tps = tokens / step_s
-    peak = peak_flops(device)
+    peak, source = peak_flops(device)
+    if args.peak_tflops:
+        peak = args.peak_tflops * 1e12
+    elif peak is None:
+        sys.exit(f"{source}; pass --peak-tflops")
     return {"size": size, "mode": mode, "micro_batch": micro_batch, "grad_accum": args.grad_accum,
             "seq_len": args.seq_len, "params": model.num_parameters(),
             "step_s": step_s, "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pretrain import plan as gp  # noqa: E402
+from launch import plan as gp  # noqa: E402
 from pretrain.data.shards import ShardWriter  # noqa: E402
 
 MIB = 2**20

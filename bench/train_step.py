@@ -7,11 +7,12 @@ step's demand.
 
 * Shards: ``--data`` (a gal-prepare output, e.g. ``gal-prepare shards.seq_len=512 output=DIR``); by
   default the script runs ``gal-prepare`` on the built-in sample into a temporary directory.
-* Engine step, as in pretrain/train.py: ``loader.next_global_batch()`` (the time spent waiting on it is
-  reported too), then per micro-batch ``engine(ids, labels)`` / ``engine.backward`` / ``engine.step``,
-  and the data-parallel mean of the loss. GalacticaLM (megatron-core layers, TP=1), ZeRO stage 2,
-  fp32, clipping 1.0, DeepSpeed's torch AdamW (pretrain/engine.py). The global batch is fixed in
-  samples, so grad accumulation = global / (micro × ranks), as gal-train derives it.
+* Engine step: ``loader.next_global_batch()`` (the time spent waiting on it is reported too), then the
+  production step ``pretrain.trainer.step.train_step`` (forward/backward per micro-batch, the one
+  all-reduce of loss and preemption flag, the loss guard), on the engine built by the trainer's own
+  ``pretrain.trainer.setup.build_engine``. GalacticaLM (megatron-core layers, TP=1), ZeRO stage 2,
+  fp32, clipping 1.0, DeepSpeed's torch AdamW. The global batch is fixed in samples, so grad
+  accumulation = global / (micro × ranks), as gal-train derives it.
 * Reference step: the plain nanoGPT-style model of bench/model_step.py, ``torch.optim.AdamW``
   (``--ref-adamw fused|foreach``), the same loss/accum backward per micro-batch and
   ``clip_grad_norm_(1.0)``, on batches read from the same shards beforehand (compute only).
@@ -69,11 +70,14 @@ def worker(args) -> None:
 
     from model import parallel
     from model.config import GalacticaConfig
-    from model.transformer import GalacticaLM
-    from pretrain import engine as ds_engine
     from pretrain.config import TrainConfig
     from pretrain.data.loader import EpochLoader
     from pretrain.data.shards import ShardReader
+    from pretrain.trainer import engine as ds_engine
+    from pretrain.trainer.faults import Drills
+    from pretrain.trainer.guards import LossGuard, Preemption, TrainState
+    from pretrain.trainer.setup import Shapes, build_engine
+    from pretrain.trainer.step import train_step
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -91,15 +95,17 @@ def worker(args) -> None:
         raise SystemExit(f"--global-batch {gbs} is not divisible by --micro-batch {mb} × {world} ranks")
     accum = gbs // (mb * world)
 
-    cfg = TrainConfig(run_dir="unused")
+    cfg = TrainConfig(run_dir="unused", seed=0)
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, "fp32"
     cfg.optim.warmup_tokens = 0
-    parallel.manual_seed(0)
+    cfg.trainer.micro_batch_size = mb
     model_cfg = GalacticaConfig(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
                                 vocab_size=args.vocab, dropout=0.0, attention_dropout=0.0, max_positions=max(2048, seq_len))
-    model = GalacticaLM(model_cfg)
-    engine, _, _ = ds_engine.build(cfg, model, micro_batch_size=mb, grad_accum=accum, tokens_per_step=gbs * seq_len,
-                                   total_steps=10_000, device=torch.device("cpu"))
+    shapes = Shapes(seq_len=seq_len, num_samples=len(samples), global_batch=gbs, grad_accum=accum, total_steps=10_000)
+    device = torch.device("cpu")
+    engine, _ = build_engine(cfg, model_cfg, shapes, device)
+    state = TrainState()
+    guard, preemption, drills = LossGuard(cfg.trainer, state), Preemption(), Drills()
     loader = EpochLoader(samples, micro_batch_size=mb, global_batch_size=gbs, dp_rank=parallel.dp_rank(),
                          dp_size=parallel.dp_size(), seed=1234, pad_id=manifest["pad_id"], prefetch=4)
     times: dict[str, list[float]] = {"engine": [], "data_wait": [], "ref": []}
@@ -110,15 +116,10 @@ def worker(args) -> None:
         start = time.perf_counter()
         batches = loader.next_global_batch()
         got = time.perf_counter()
-        micro = []
-        for batch in batches:
-            loss = engine(batch.input_ids, batch.labels)
-            micro.append(loss.detach())
-            engine.backward(loss)
-            engine.step()
-        mean = torch.stack(micro).mean()
-        dist.all_reduce(mean)
-        losses["engine"].append(mean.item() / world)
+        state.step += 1
+        result = train_step(engine, batches, device, step=state.step, guard=guard, preemption=preemption,
+                            drills=drills)
+        losses["engine"].append(result.loss)
         times["engine"].append(time.perf_counter() - start)
         times["data_wait"].append(got - start)
 

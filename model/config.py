@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+IGNORE_INDEX = -100  # a label the loss skips (padding); torch's cross_entropy default
+
 # Galactica paper (arXiv 2211.09085), Table 5: name -> (layers, d_model, heads).
 PAPER_SIZES: dict[str, tuple[int, int, int]] = {
     "125m": (12, 768, 12),

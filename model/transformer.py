@@ -26,9 +26,8 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from torch.utils.checkpoint import checkpoint
 
 from model import parallel
-from model.config import GalacticaConfig
+from model.config import IGNORE_INDEX, GalacticaConfig
 
-IGNORE_INDEX = -100
 
 # How each TP-split parameter is cut: name suffix -> (dim, stride). Everything else is replicated.
 # stride 3: the QKV weight is [q; k; v] in the full model and each rank holds [q_r; k_r; v_r].

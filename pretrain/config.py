@@ -6,15 +6,25 @@ together, and every error names the config key to change.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from model.config import GalacticaConfig
+
+# The Hydra config directory of every gal-* command (an absolute path: under a console script Hydra
+# would resolve a relative one against the module's package).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+    """Input that cannot work (a config value, a flag, a run directory, a checkpoint): the one-line
+    message names the key, flag or path, and what to do. Every gal-* command prints it and exits 1."""
 
 
 @dataclass
@@ -91,7 +101,7 @@ class CheckpointConf:
 
 @dataclass
 class ValidationConf:
-    enabled: bool = True  # the rounds described in pretrain/validation.py
+    enabled: bool = True  # the rounds described in pretrain/evaluation/validation.py
     interval_tokens: int | None = None  # None: only at epoch boundaries and right after them
     after_boundary_points: int = 2
     after_boundary_tokens: int | None = None  # None: half an interval, or a tenth of an epoch
@@ -99,7 +109,7 @@ class ValidationConf:
     seen_samples: int = 32  # the fixed probe of training sequences
     max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)
     micro_batch_size: int = 4
-    # chemistry probes (pretrain/probes.py) in every round: SMILES → formula exact match on held-out
+    # chemistry probes (pretrain/evaluation/probes.py) in every round: SMILES → formula exact match on held-out
     # molecules, and the RDKit parse rate of sampled SMILES
     probes: bool = False
     probe_molecules: int = 64  # held-out molecules (a fixed random subset of the shards' probes/)
@@ -129,22 +139,21 @@ def register() -> None:
     cs.store(name="train_schema", node=TrainConfig)
 
 
-def validate(cfg: TrainConfig, *, seq_len: int, num_heads: int, d_model: int, world_size: int,
-             max_positions: int) -> None:
+def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, world_size: int) -> None:
     """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
     t, d = cfg.trainer, cfg.deepspeed
     tp = t.tensor_parallel
-    if d_model % num_heads:
-        raise ConfigError(f"model.size={cfg.model.size}: hidden size {d_model} is not divisible by {num_heads} heads")
-    if tp < 1 or num_heads % tp:
-        raise ConfigError(f"trainer.tensor_parallel={tp} does not divide the {num_heads} attention heads")
-    if world_size % tp:
+    if tp < 1 or world_size % tp:
         raise ConfigError(f"trainer.tensor_parallel={tp} does not divide the world size {world_size}")
-    if seq_len > max_positions:
+    try:
+        model_cfg.validate_tensor_parallel(tp)
+    except ValueError as e:
+        raise ConfigError(f"trainer.tensor_parallel={tp}: {e}") from None
+    if seq_len > model_cfg.max_positions:
         raise ConfigError(f"data.path: the shards hold {seq_len}-token sequences, above the model's "
-                          f"{max_positions} positions (model.size={cfg.model.size})")
+                          f"{model_cfg.max_positions} positions (model.size={cfg.model.size})")
     dp = world_size // tp
-    gbs = global_batch_samples(cfg, seq_len)
+    gbs = global_batch_samples(t.global_batch_tokens, seq_len)
     if gbs % (t.micro_batch_size * dp):
         raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} gives {gbs} sequences of "
                           f"{seq_len} tokens, not divisible by trainer.micro_batch_size={t.micro_batch_size} × "
@@ -165,13 +174,31 @@ def validate(cfg: TrainConfig, *, seq_len: int, num_heads: int, d_model: int, wo
                 "probe_batch_size"):
         if v.probes and getattr(v, key) < 1:
             raise ConfigError(f"validation.{key}={getattr(v, key)} must be >= 1")
-    if v.probes and max(v.probe_max_new_tokens, v.probe_smiles_max_new_tokens) >= max_positions:
+    if v.probes and max(v.probe_max_new_tokens, v.probe_smiles_max_new_tokens) >= model_cfg.max_positions:
         raise ConfigError(f"validation.probe_max_new_tokens / probe_smiles_max_new_tokens must be below the "
-                          f"model's {max_positions} positions")
+                          f"model's {model_cfg.max_positions} positions")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         raise ConfigError("resume must be auto, none or a checkpoint directory")
 
 
-def global_batch_samples(cfg: TrainConfig, seq_len: int) -> int:
+def global_batch_samples(global_batch_tokens: int, seq_len: int) -> int:
     """Sequences per optimizer step: trainer.global_batch_tokens rounded to whole sequences (≥ 1)."""
-    return max(1, round(cfg.trainer.global_batch_tokens / seq_len))
+    return max(1, round(global_batch_tokens / seq_len))
+
+
+def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
+    """model.size with the run's overrides; the vocabulary from the shards' manifest unless model.vocab_size."""
+    m = cfg.model
+    overrides = dict(n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                     vocab_size=m.vocab_size or manifest["vocab_size"], dropout=m.dropout,
+                     attention_dropout=m.attention_dropout, activation_checkpointing=m.activation_checkpointing)
+    try:
+        return GalacticaConfig.from_name(m.size, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """What must not change across a resume: the model, data and optimizer settings."""
+    keep = {k: asdict(getattr(cfg, k)) for k in ("model", "data", "optim")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,7 +11,7 @@ Any ZeRO stage and TP size, in one plain process (no torchrun, no GPU):
    its model file already holds the full weights;
 2. the TP ranks are merged with ``model.hf.merge_tp_state_dicts``;
 3. the model config is rebuilt from ``RUN_DIR/config.yaml`` as gal-train built it
-   (``pretrain.train.model_config``), written with ``model.hf.write_hf``, and the run's tokenizer
+   (``pretrain.config.model_config``), written with ``model.hf.write_hf``, and the run's tokenizer
    (``<data.path>/tokenizer/tokenizer.model``) is exported next to it, so that
    ``AutoTokenizer.from_pretrained(OUT_DIR)`` and ``OPTForCausalLM.from_pretrained(OUT_DIR)`` (or
    lm-eval-harness ``--model hf --model_args pretrained=OUT_DIR``) work.
@@ -28,27 +28,24 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pretrain import checkpoint
+from pretrain.config import ConfigError
+from pretrain.trainer import checkpoint
 
 console = Console(stderr=True, soft_wrap=True)  # no hard wraps inside paths in logs
-
-
-class ExportError(Exception):
-    """A run directory or checkpoint that cannot be exported; the message names the path."""
 
 
 def find_checkpoint(run_dir: Path, tag: str | None) -> Path:
     """The tag directory to export: ``tag`` or the one ``RUN_DIR/checkpoints/latest`` names."""
     if not run_dir.is_dir():
-        raise ExportError(f"run directory {run_dir} does not exist")
+        raise ConfigError(f"run directory {run_dir} does not exist")
     ckpt_dir = run_dir / "checkpoints"
     if tag is None:
         tag = checkpoint.latest_tag(ckpt_dir) if ckpt_dir.is_dir() else None
         if tag is None:
-            raise ExportError(f"no complete checkpoint in {ckpt_dir} (no '{checkpoint.LATEST}' file)")
+            raise ConfigError(f"no complete checkpoint in {ckpt_dir} (no '{checkpoint.LATEST}' file)")
     elif not (ckpt_dir / tag).is_dir():
         found = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
-        raise ExportError(f"checkpoint {ckpt_dir / tag} does not exist; found: {', '.join(found) or 'none'}")
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} does not exist; found: {', '.join(found) or 'none'}")
     return ckpt_dir / tag
 
 
@@ -63,7 +60,7 @@ def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
     for tp_rank in range(layout["tp_size"]):
         files = sorted(tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"))
         if not files:
-            raise ExportError(f"{tag_dir} has no files of tensor-parallel rank {tp_rank} (*mp_rank_{tp_rank:02d}_*.pt)")
+            raise ConfigError(f"{tag_dir} has no files of tensor-parallel rank {tp_rank} (*mp_rank_{tp_rank:02d}_*.pt)")
         if not any(f.name.endswith("_optim_states.pt") for f in files):  # ZeRO-0: full weights in the model file
             state = torch.load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
                                weights_only=False)["module"]
@@ -86,7 +83,7 @@ def load_run_config(run_dir: Path):
 
     path = run_dir / "config.yaml"
     if not path.exists():
-        raise ExportError(f"{path} is missing: {run_dir} is not a gal-train run directory")
+        raise ConfigError(f"{path} is missing: {run_dir} is not a gal-train run directory")
     saved = OmegaConf.load(path)
     sections = {k: saved[k] for k in ("model", "data") if k in saved}
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), sections, {"run_dir": str(run_dir)}))
@@ -95,16 +92,15 @@ def load_run_config(run_dir: Path):
 def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
            tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write the HF folder of checkpoint ``tag`` (default: the latest) of ``run_dir``; returns out_dir."""
-    import json
-
     from model.hf import write_hf
-    from pretrain.train import model_config
+    from pretrain.config import model_config
+    from pretrain.data.shards import MANIFEST, read_manifest
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     tag_dir = find_checkpoint(run_dir, tag)
     cfg = load_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty (pass --overwrite to write into it)")
+        raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to write into it)")
     layout = checkpoint.read_layout(tag_dir.parent, tag_dir.name)
     console.print(f"[bold]gal-export[/] {tag_dir}: ZeRO-{layout['zero_stage']}, TP {layout['tp_size']} × "
                   f"DP {layout['dp_size']}")
@@ -112,14 +108,13 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     with console.status("consolidating the checkpoint to fp32 (DeepSpeed zero_to_fp32) ..."):
         full = consolidate(tag_dir)
     data_path = Path(cfg.data.path)
-    manifest_path = data_path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    manifest = read_manifest(data_path) if (data_path / MANIFEST).exists() else None
     if manifest is None and cfg.model.vocab_size is None:
-        console.print(f"[yellow]warning:[/] {manifest_path} is missing: the vocabulary size is read from the weights")
+        console.print(f"[yellow]warning:[/] {data_path / MANIFEST} is missing: the vocabulary size is read from the weights")
     model_cfg = model_config(cfg, manifest or {"vocab_size": full["wte.weight"].shape[0]})
     want = (model_cfg.vocab_size, model_cfg.d_model)
     if tuple(full["wte.weight"].shape) != want:
-        raise ExportError(f"{tag_dir}: token embedding of shape {tuple(full['wte.weight'].shape)}, but "
+        raise ConfigError(f"{tag_dir}: token embedding of shape {tuple(full['wte.weight'].shape)}, but "
                           f"{run_dir / 'config.yaml'} (model.size={cfg.model.size}) gives {want}")
 
     with console.status(f"writing the Hugging Face OPT folder to {out_dir} ..."):
@@ -134,7 +129,7 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
 
         tok = GalacticaTokenizer.load(tok_model)
         if tok.vocab_size > model_cfg.vocab_size:
-            raise ExportError(f"tokenizer {tok_model} has {tok.vocab_size} tokens, more than the model's "
+            raise ConfigError(f"tokenizer {tok_model} has {tok.vocab_size} tokens, more than the model's "
                               f"{model_cfg.vocab_size}")
         tok.export_hf(out_dir)
         console.print(f"tokenizer: {tok_model} ({tok.vocab_size:,} tokens) → {out_dir}")
@@ -157,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         export(args.run_dir, args.out_dir, tag=args.tag, tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"gal-export: error: {e}")
 
 

@@ -5,7 +5,7 @@ skipped) and writes to ``RUN_DIR/report/`` (or ``--out DIR``):
 
 * ``double_descent.png``: held-out loss per source, the token-weighted aggregate (thick), the loss on
   already-seen training sequences (dashed) and the training loss (faint), against tokens seen and
-  against epochs, with epoch boundaries and the events found by :mod:`pretrain.doubledescent`
+  against epochs, with epoch boundaries and the events found by :mod:`pretrain.analysis.doubledescent`
   (bump peaks ▲, overfitting onsets ✕);
 * ``summary.json`` and ``summary.md``: per epoch the aggregate held-out loss at its start, end and
   minimum, the generalisation gap (aggregate held-out minus seen loss at the epoch's last round), the
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain import doubledescent
-from pretrain.metrics import read_metrics
+from pretrain.analysis import doubledescent
+from pretrain.trainer.metrics import read_metrics
 
 R_STAR_D = 15.4  # Muennighoff et al. 2023, fitted R*_D
 EFFECTIVE_DATA_FORMULA = "D' = U_D + U_D * R*_D * (1 - exp(-R_D / R*_D)), R*_D = 15.4 (Muennighoff et al. 2023)"
@@ -90,7 +90,7 @@ def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None
             "effective_fraction": effective_tokens(tokens_end, unique) / tokens_end if tokens_end else None,
             "shapes_by_source": {s: next((x.shape for x in r.epochs if x.epoch == e.epoch), None)
                                  for s, r in results.items() if s != main},
-            "probes_end": last.get("probes"),  # the chemistry probes of the epoch's last round (pretrain/probes.py)
+            "probes_end": last.get("probes"),  # the chemistry probes of the epoch's last round (pretrain/evaluation/probes.py)
         })
     return {"series": main, "unique_tokens": unique, "effective_data_formula": EFFECTIVE_DATA_FORMULA,
             "r_star_d": R_STAR_D, "noise": results[main].noise, "epochs": epochs,
@@ -127,7 +127,7 @@ def markdown(summary: dict, run_dir: Path) -> str:
         lines += ["", "No overfitting across epochs (epoch-end held-out losses: no significant rise above their "
                   "minimum while the seen loss falls)."]
     if any(e.get("probes_end") for e in summary["epochs"]):
-        lines += ["", "Chemistry probes at each epoch's last round (`pretrain/probes.py`):", "",
+        lines += ["", "Chemistry probes at each epoch's last round (`pretrain/evaluation/probes.py`):", "",
                   "| epoch | formula exact match (S2F) | SMILES validity |", "|---|---|---|"]
         for e in summary["epochs"]:
             p = e.get("probes_end") or {}
@@ -140,7 +140,7 @@ def markdown(summary: dict, run_dir: Path) -> str:
         for s in sources:
             shapes = {x["epoch"]: x["shape"] for x in summary["detection"][s]["epochs"]}
             lines.append(f"| {s} | " + " | ".join(shapes.get(e["epoch"], "–") for e in summary["epochs"]) + " |")
-    lines += ["", "Shapes and events are defined in `pretrain/doubledescent.py` (thresholds: "
+    lines += ["", "Shapes and events are defined in `pretrain/analysis/doubledescent.py` (thresholds: "
               + ", ".join(f"{k}={v}" for k, v in next(iter(summary["detection"].values()))["config"].items()) + ").", ""]
     return "\n".join(lines)
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run_dir", help="run directory holding metrics.jsonl")
     p.add_argument("--out", help="output directory (default RUN_DIR/report)")
     p.add_argument("--min-bump-noise", type=float, default=doubledescent.DetectConfig.min_bump_noise,
-                   help="a rise counts if at least this many noise sigmas (see pretrain/doubledescent.py)")
+                   help="a rise counts if at least this many noise sigmas (see pretrain/analysis/doubledescent.py)")
     p.add_argument("--smooth-points", type=int, default=doubledescent.DetectConfig.smooth_points,
                    help="moving-average window in validation rounds (odd)")
     a = p.parse_args(argv)

@@ -30,7 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from model.config import IGNORE_INDEX
 
 
 class RandomAccessSamples(Protocol):
@@ -38,9 +38,30 @@ class RandomAccessSamples(Protocol):
     def __getitem__(self, i: int) -> np.ndarray: ...
 
 
+# Other fixed draws from the data seed use stream tags no epoch number reaches: the `seen` validation
+# sample (pretrain/evaluation/validation.py) and the probe molecules (pretrain/evaluation/probes.py).
+SEEN_SAMPLE_STREAM, PROBE_MOLECULE_STREAM = 2**31 - 1, 2**31 - 2
+
+
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The visiting order of epoch ``epoch``: a permutation seeded by ``(seed, epoch)``."""
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def epochs_completed(before: int, after: int, per_epoch: int) -> int:
+    """How many epoch boundaries a step crossed going from ``before`` to ``after`` (samples or tokens,
+    with ``per_epoch`` in the same unit): the one epoch-boundary rule of the loop and validation."""
+    return after // per_epoch - before // per_epoch
+
+
+def make_batch(samples: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed samples of ``seq_len + 1`` tokens → (input_ids, labels), each ``(n, seq_len)`` int64: the
+    labels are the inputs shifted by one, ``IGNORE_INDEX`` where the target is padding. The one rule
+    for training and evaluation batches."""
+    tokens = torch.from_numpy(np.stack([np.asarray(s, dtype=np.int64) for s in samples]))
+    labels = tokens[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX
+    return tokens[:, :-1].contiguous(), labels
 
 
 @dataclass
@@ -118,10 +139,8 @@ class EpochLoader:
     def _read(self, positions: np.ndarray) -> Batch:
         epochs = positions // self.num_samples
         ids = np.array([self._permutation(int(e))[p % self.num_samples] for e, p in zip(epochs, positions)])
-        tokens = torch.from_numpy(np.stack([np.asarray(self.samples[int(i)], dtype=np.int64) for i in ids]))
-        labels = tokens[:, 1:].clone()
-        labels[labels == self.pad_id] = IGNORE_INDEX
-        return Batch(tokens[:, :-1].contiguous(), labels, ids, epochs)
+        input_ids, labels = make_batch([self.samples[int(i)] for i in ids], self.pad_id)
+        return Batch(input_ids, labels, ids, epochs)
 
     def _global_batch(self, consumed: int) -> list[Batch]:
         return [self._read(p) for p in self.stream_positions(consumed)]
@@ -168,7 +187,3 @@ class EpochLoader:
     def close(self) -> None:
         self._stop_prefetch()
 
-
-def samples_of_epoch(num_samples: int, seed: int, epoch: int) -> Sequence[int]:
-    """All sample ids of one epoch in visiting order (for tests and analysis)."""
-    return epoch_permutation(num_samples, seed, epoch).tolist()

@@ -11,7 +11,7 @@ Templates come from the corpus config (`conf/corpus/*.yaml`), see :class:`Source
               left out (the document is kept; the manifest counts these as `no_formula`)
 Text fields are cleaned (:func:`clean_text`); `<work>` and markup already in the input are kept.
 
-:meth:`Renderer.formula_probe` gives the chemistry probe's view of a record (pretrain/probes.py):
+:meth:`Renderer.formula_probe` gives the chemistry probe's view of a record (pretrain/evaluation/probes.py):
 the document text up to its formula, and the formula itself.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Two streaming passes with bounded memory (except the dedup tables, see dedup.py)
   1. read lines → (workers) parse, clean, render the Galactica markup, hash, MinHash → (main, in
      input order) dedup, split, append to a work file of kept documents; pick the tokenizer sample;
      write the held-out records of sources with a formula to probes/<source>.jsonl (the chemistry
-     probe's prompts and gold formulas, pretrain/probes.py).
+     probe's prompts and gold formulas, pretrain/evaluation/probes.py).
   2. train the tokenizer on the sample; read the work file → (workers) tokenize → (main) pack into
      samples of seq_len + 1 tokens → shards + index per split.
 Everything is written into a temporary directory beside the output, renamed into place at the end,
@@ -400,7 +400,7 @@ def _manifest(cfg, files, stats: Stats, splits, tok, sample, timing, workers) ->
         "drops": dict(sorted(stats.drops.items())),
         "drops_by_source": {s: dict(sorted(c.items())) for s, c in sorted(stats.drops_by_source.items())},
         "dedup": {r: stats.drops[r] for r in sorted(dedup_reasons)},
-        # held-out records of sources with a formula: prompt, SMILES and gold formula (pretrain/probes.py)
+        # held-out records of sources with a formula: prompt, SMILES and gold formula (pretrain/evaluation/probes.py)
         "probes": {s: {"path": f"probes/{s}.jsonl", "records": n} for s, n in sorted(stats.probes.items())},
         "timing": {k: round(v, 3) for k, v in timing.items()},
         "workers": workers,

@@ -28,6 +28,17 @@ import numpy as np
 import webdataset
 
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("tokens_offset", "<u8"), ("meta_offset", "<u8"), ("meta_size", "<u4")])
+MANIFEST = "manifest.json"  # a shard set's description: vocabulary, tokenizer, sources, probes (gal-prepare)
+
+
+def read_manifest(data_path: str | Path) -> dict[str, Any]:
+    """The manifest of a gal-prepare output directory; a missing one is a ConfigError naming data.path."""
+    from pretrain.config import ConfigError
+
+    path = Path(data_path) / MANIFEST
+    if not path.exists():
+        raise ConfigError(f"data.path={data_path}: no {MANIFEST} there; prepare shards with gal-prepare")
+    return json.loads(path.read_text())
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -190,14 +201,6 @@ class ShardReader:
             for fd in self._fds.values():
                 os.close(fd)
         self._fds = {}
-
-    def __getstate__(self) -> dict[str, Any]:  # picklable for spawned DataLoader workers
-        return {**self.__dict__, "_fds": {}, "index": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.index = np.load(self.dir / "index.npy", mmap_mode="r")
-        self._pid = os.getpid()
 
     def __del__(self) -> None:
         try:

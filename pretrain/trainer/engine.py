@@ -4,20 +4,19 @@
   (stage 3) parameters; bf16 on GPU, fp32 on CPU (``deepspeed.precision=auto``).
 * AdamW with Galactica's betas (0.9, 0.95), weight decay 0.1 on the matmul weights only (not on
   LayerNorm weights, embeddings or biases), gradient clipping by DeepSpeed.
-* LR: linear warmup from 0 over ``optim.warmup_tokens``, then linear decay to
-  ``optim.lr_final_ratio × lr_max`` at the last step. A ``torch.optim.lr_scheduler.LambdaLR`` handed
-  to ``deepspeed.initialize``, which steps and checkpoints it. (DeepSpeed's ``WarmupDecayLR`` warms up
-  *from* the floor it decays to, so it cannot start at 0 and end at 10%.)
+* LR: pretrain/trainer/schedule.py, handed to ``deepspeed.initialize`` as a LambdaLR.
 """
 from __future__ import annotations
-
-import math
 
 import deepspeed
 import torch
 
 from model import parallel
-from pretrain.config import TrainConfig
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.trainer.schedule import lr_lambda, warmup_steps
+
+# DeepSpeed prints a line every ``steps_per_print`` steps; the run logs its own (pretrain/trainer/metrics.py)
+NEVER = 2**31 - 1
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -25,7 +24,7 @@ def precision(cfg: TrainConfig, device: torch.device) -> str:
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if p == "bf16" and device.type != "cuda":
-        raise ValueError("deepspeed.precision=bf16 needs a GPU; the CPU path trains in fp32")
+        raise ConfigError("deepspeed.precision=bf16 needs a GPU; the CPU path trains in fp32")
     return p
 
 
@@ -51,7 +50,7 @@ def deepspeed_config(cfg: TrainConfig, *, micro_batch_size: int, grad_accum: int
         "zero_allow_untested_optimizer": True,
         # the CPU path has no compiled DeepSpeedCPUAdam: offloaded states step with torch's AdamW
         "zero_force_ds_cpu_optimizer": device.type == "cuda",
-        "steps_per_print": 2**31 - 1,
+        "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
@@ -75,21 +74,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, final_ratio: float):
-    """Multiplier of lr_max at optimizer step ``s`` (0-based): (s+1)/warmup, then linear to final_ratio."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup_steps) / span)
-    return f
-
-
 def build(cfg: TrainConfig, model: torch.nn.Module, *, micro_batch_size: int, grad_accum: int,
           tokens_per_step: int, total_steps: int, device: torch.device, load_universal: bool = False):
     """``deepspeed.initialize`` with our config, optimizer groups, schedule and the mpu adapter."""
-    warmup_steps = max(1, math.ceil(cfg.optim.warmup_tokens / tokens_per_step))
-    schedule = lr_lambda(warmup_steps, total_steps, cfg.optim.lr_final_ratio)
+    warmup = warmup_steps(cfg.optim.warmup_tokens, tokens_per_step)
+    schedule = lr_lambda(warmup, total_steps, cfg.optim.lr_final_ratio)
     ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                                  dp_size=parallel.dp_size(), device=device,
                                  load_universal=load_universal)
@@ -97,12 +86,5 @@ def build(cfg: TrainConfig, model: torch.nn.Module, *, micro_batch_size: int, gr
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
         mpu=parallel.DeepSpeedMPU(),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    return engine, ds_config, warmup_steps
+    return engine, ds_config, warmup
 
-
-def refresh_lr(engine) -> None:
-    """After a resume, set the rate of the next step from the schedule (LambdaLR only re-evaluates it
-    on step(), so a run resumed with a longer trainer.max_tokens would otherwise use a stale rate)."""
-    sched = engine.lr_scheduler
-    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * fn(sched.last_epoch)

@@ -13,7 +13,7 @@ batched with right padding (causal attention: a row's next token never sees the 
 and has no KV cache: each new token is one forward of the whole batch, which is cheap next to a
 validation round for the default sizes (64 prompts × ≤ 48 tokens, 16 samples × ≤ 128 tokens).
 
-Parallelism as in :class:`pretrain.validation.Validator`: the model is called through the DeepSpeed
+Parallelism as in :class:`pretrain.evaluation.validation.Validator`: the model is called through the DeepSpeed
 engine (ZeRO-3 gathers the parameters), its logits are gathered over tensor-parallel ranks (so every
 TP rank picks the same token), prompts and samples are split over data-parallel ranks, every DP rank
 runs the same number of forwards (a batch goes on while any rank's batch has an unfinished row) and
@@ -24,18 +24,19 @@ depend on how the samples are spread over ranks (up to the batch shape's float r
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from model import parallel
 from pretrain.config import ConfigError, ValidationConf
+from pretrain.data.loader import PROBE_MOLECULE_STREAM
+from pretrain.evaluation import lockstep
 from pretrain.tokenizer import SPECIAL_TOKENS, GalacticaTokenizer
+
+SAMPLE_SEED_STRIDE = 1_000_003  # SMILES sample i of data seed s draws from torch.Generator(s * stride + i)
 
 # ----------------------------------------------------------------------------- the scoring rules
 _FORMULA_RE = re.compile(r"((?:[A-Z][a-z]?\d*)+)([+-]\d*)?")
@@ -103,7 +104,7 @@ class ChemistryProbes:
         self.tokenizer, self.eos_id, self.pad_id = tok, tok.eos_id, tok.pad_id
         records = load_probe_records(data_path, manifest)
         if len(records) > conf.probe_molecules:  # a fixed random subset, like the `seen` probe
-            keep = np.random.default_rng([seed, 2**31 - 2]).choice(len(records), conf.probe_molecules, replace=False)
+            keep = np.random.default_rng([seed, PROBE_MOLECULE_STREAM]).choice(len(records), conf.probe_molecules, replace=False)
             records = [records[i] for i in sorted(keep)]
         self.records = records
         self.formula_prompts = [[self.eos_id] + tok.encode(r["prompt"]) for r in records]
@@ -117,29 +118,24 @@ class ChemistryProbes:
     def run(self, engine, device) -> dict:
         """Both probes with `engine` (the DeepSpeed engine; in one process the bare GalacticaLM will do):
         {"formula_exact_match", "formula_molecules", "smiles_validity", "smiles_samples"}."""
-        module = getattr(engine, "module", engine)
-        was_training = module.training
-        module.eval()
         conf = self.conf
-        dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
-        mine = list(range(dp_rank, len(self.records), dp_size))
-        lines = self.generate(engine, device, [self.formula_prompts[i] for i in mine], conf.probe_max_new_tokens,
-                              self.line_end_ids, total=len(self.records))
-        correct = 0
-        for i, (ids, stop) in zip(mine, lines):
-            # a piece may hold the end of the formula and the newline ("O\n"): keep what is before it
-            text = self.tokenizer.decode(ids + ([stop] if stop not in self.special_ids and stop is not None else []))
-            correct += formula_match(text.split("\n")[0], self.records[i]["formula"])
+        with lockstep.eval_mode(engine):
+            mine = lockstep.share(range(len(self.records)))
+            lines = self.generate(engine, device, [self.formula_prompts[i] for i in mine], conf.probe_max_new_tokens,
+                                  self.line_end_ids, total=len(self.records))
+            correct = 0
+            for i, (ids, stop) in zip(mine, lines):
+                # a piece may hold the end of the formula and the newline ("O\n"): keep what is before it
+                text = self.tokenizer.decode(ids + ([stop] if stop not in self.special_ids and stop is not None else []))
+                correct += formula_match(text.split("\n")[0], self.records[i]["formula"])
 
-        mine = list(range(dp_rank, conf.probe_smiles_samples, dp_size))
-        generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in mine]
-        samples = self.generate(engine, device, [self.smiles_prompt] * len(mine), conf.probe_smiles_max_new_tokens,
-                                self.special_ids, generators=generators, total=conf.probe_smiles_samples)
-        valid = sum(stop == self.end_smiles_id and smiles_valid(self.tokenizer.decode(ids)) for ids, stop in samples)
+            mine = lockstep.share(range(conf.probe_smiles_samples))
+            generators = [torch.Generator().manual_seed(self.seed * SAMPLE_SEED_STRIDE + i) for i in mine]
+            samples = self.generate(engine, device, [self.smiles_prompt] * len(mine), conf.probe_smiles_max_new_tokens,
+                                    self.special_ids, generators=generators, total=conf.probe_smiles_samples)
+            valid = sum(stop == self.end_smiles_id and smiles_valid(self.tokenizer.decode(ids)) for ids, stop in samples)
 
-        counts = torch.tensor([correct, len(lines), valid, len(samples)], dtype=torch.float64, device=device)
-        dist.all_reduce(counts, group=parallel.dp_group())
-        module.train(was_training)
+        counts = lockstep.sum_over_ranks(torch.tensor([correct, len(lines), valid, len(samples)]), device)
         correct, n, valid, k = counts.tolist()
         return {"formula_exact_match": correct / n if n else None, "formula_molecules": int(n),
                 "smiles_validity": valid / k if k else None, "smiles_samples": int(k)}
@@ -154,12 +150,12 @@ class ChemistryProbes:
         prompts over all DP ranks (default: this rank's): every rank runs ceil(total / dp / batch)
         batches, each until no rank has an unfinished row, so ZeRO-3's collective gathers stay in step.
         """
-        bs, dp_size = self.conf.probe_batch_size, parallel.dp_size()
+        bs = self.conf.probe_batch_size
         total = len(prompts) if total is None else total
         room = getattr(engine, "module", engine).config.max_positions - max_new  # long prompts keep their end
         prompts = [p[-room:] for p in prompts]
         out: list[tuple[list[int], int | None]] = []
-        for j in range(math.ceil(math.ceil(total / dp_size) / bs)):
+        for j in range(lockstep.rounds(total, bs)):
             chunk = prompts[j * bs:(j + 1) * bs]
             real = len(chunk)
             rows = chunk or [self.smiles_prompt]  # a rank with nothing left still takes part
@@ -189,9 +185,7 @@ class ChemistryProbes:
                     buf[r, lengths[r]] = t
                     lengths[r] += 1
                     done[r] = len(new[r]) == max_new
-                unfinished = torch.tensor([float(not all(done))], device=device)  # NCCL reduces GPU tensors
-                dist.all_reduce(unfinished, op=dist.ReduceOp.MAX, group=parallel.dp_group())
-                if not unfinished.item():
+                if not lockstep.any_rank(not all(done), device):
                     break
             out += list(zip(new, stop))[:real]
         return out

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 import uuid
 from pathlib import Path
 
+import torch.distributed as dist
 from rich.console import Console
+
+from model import parallel
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -81,7 +82,7 @@ class Metrics:
     def validation(self, *, step: int, tokens_seen: int, epoch: float, repeat: int, reason: str,
                    losses: dict, tokens: dict, probes: dict | None = None) -> None:
         """A validation round: one row in metrics.jsonl; ``valid/<set>/loss`` series in wandb, and with
-        the chemistry probes (pretrain/probes.py) a ``probes`` entry / ``probe/<name>`` series."""
+        the chemistry probes (pretrain/evaluation/probes.py) a ``probes`` entry / ``probe/<name>`` series."""
         if not self.enabled:
             return
         row = {"event": "validation", "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat,
@@ -132,47 +133,20 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-class StepTimer:
-    """Tokens per second and model FLOPs utilisation over the steps since the last read."""
+class SampleLog:
+    """Which samples (dataset indices, all ranks) each step trained on: audits "no repeat, no skip"
+    (``data.record_sample_ids``). Rows of steps after ``resume_step`` are dropped at start."""
 
-    def __init__(self, flops_per_token: float, peak_flops: float, devices: int):
-        """``peak_flops`` of one device (GPU, or one process's share of the CPU); ``devices`` of them."""
-        self.flops_per_token, self.peak_flops, self.devices = flops_per_token, peak_flops, devices
-        self.t0, self.tokens = time.perf_counter(), 0
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if dist.get_rank() == 0:
+            rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
 
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def read(self) -> tuple[float, float]:
-        now = time.perf_counter()
-        tps = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
-        return tps, tps * self.flops_per_token / (self.peak_flops * self.devices)
-
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
-
-
-_DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                    "L40S": 362e12, "B200": 2250e12}
-
-
-def peak_flops(device) -> float:
-    """The denominator of MFU: a GPU's dense bf16 peak from its datasheet, or on the CPU the fp32
-    matmul rate measured here (a 1024³ GEMM, best of 5), since CPUs have no single datasheet number."""
-    import torch
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in _DENSE_BF16_PEAK.items():
-            if key in name:
-                return flops
-        return 989e12
-    a = torch.full((1024, 1024), 0.5)  # no RNG draw: the run's random streams must not depend on this
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024**3 / best
+    def write(self, step: int, batches) -> None:
+        mine = [int(i) for b in batches for i in b.sample_ids] if parallel.tp_rank() == 0 else []
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if dist.get_rank() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "ids": [i for ids in everyone for i in ids]}) + "\n")

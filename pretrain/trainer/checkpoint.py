@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,8 +90,10 @@ def gather_rng_states() -> list[dict]:
 
 
 # ---- save / load -------------------------------------------------------------------------------------
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) -> str:
-    """Save on all ranks; returns the tag. ``latest`` moves only after every rank has finished."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int,
+         before_commit: Callable[[int], None] | None = None) -> str:
+    """Save on all ranks; returns the tag. ``latest`` moves only after every rank has finished.
+    ``before_commit(step)`` runs on rank 0 between the shards and ``latest`` (the fault drills)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     client_state = {**client_state, "rng": gather_rng_states(), "world_size": dist.get_world_size()}
@@ -99,7 +101,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) 
     dist.barrier()
     if dist.get_rank() == 0:
         (ckpt_dir / tag / META).write_text(json.dumps(layout(engine)))
-        fault_point("checkpoint", step)
+        if before_commit is not None:
+            before_commit(step)
         _fsync_tree(ckpt_dir / tag)
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
@@ -112,6 +115,24 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int) 
 def layout(engine) -> dict:
     return {"world_size": dist.get_world_size(), "dp_size": parallel.dp_size(), "tp_size": parallel.tp_size(),
             "zero_stage": engine.zero_optimization_stage()}
+
+
+def resume_point(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """Where ``resume=`` (auto | none | a checkpoint dir) points: (checkpoint dir, tag), or None for a
+    fresh start."""
+    from pretrain.config import ConfigError
+
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = latest_tag(ckpt_dir)
+        return (Path(ckpt_dir), tag) if tag else None
+    path = Path(resume)
+    if (path / LATEST).exists():
+        return path, latest_tag(path)
+    if path.is_dir():
+        return path.parent, path.name
+    raise ConfigError(f"resume={resume}: no checkpoint there")
 
 
 def read_layout(ckpt_dir: Path, tag: str) -> dict:
@@ -134,14 +155,6 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
             raise RuntimeError(f"ds_to_universal failed on {Path(ckpt_dir) / tag}:\n{proc.stderr[-3000:]}")
     dist.barrier()
     return out
-
-
-def fault_point(where: str, step: int) -> None:
-    """Fault injection for tests and drills: ``GAL_FAULT_KILL=step:N`` SIGKILLs the process after
-    step N is logged; ``GAL_FAULT_KILL=checkpoint:N`` after the shards of checkpoint N are written
-    and before ``latest`` moves."""
-    if os.environ.get("GAL_FAULT_KILL") == f"{where}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load(engine, ckpt_dir: Path, tag: str | None = None) -> dict:

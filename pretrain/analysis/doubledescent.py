@@ -55,9 +55,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-SHAPES = ("too_short", "descent_ascent_descent", "ascending", "plateau", "monotone")
-
-
 @dataclass
 class DetectConfig:
     smooth_points: int = 5  # moving-average window in validation rounds (odd)
@@ -90,7 +87,7 @@ class EpochResult:
     loss_end: float
     loss_min: float
     loss_min_tokens: int
-    shape: str  # one of SHAPES
+    shape: str  # too_short | descent_ascent_descent | ascending | plateau | monotone (above)
     bump_min_tokens: int | None = None  # set for descent_ascent_descent
     bump_peak_tokens: int | None = None
     bump_recovery_tokens: int | None = None

@@ -65,12 +65,14 @@ import json
 import math
 import sys
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
+from launch.env import check_topology
 from model.config import PAPER_SIZES, SMALL_SIZES, GalacticaConfig
+from pretrain.config import CONF_DIR, ConfigError, global_batch_samples
 
 GIB = 2**30
-CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+TERA = 1e12
+CONF_MODEL = CONF_DIR / "model"
 # DeepSpeed's defaults (deepspeed/runtime/zero/config.py); our conf/deepspeed/*.yaml keep them.
 REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
@@ -78,17 +80,29 @@ CUDA_CONTEXT_BYTES = 2 * GIB
 # Bandwidths for --suggest's ranking (per GPU, bytes/s): NVLink 4 within a node, 400 Gb/s NDR between
 # nodes, PCIe 5 x16 to the host. Rough on purpose: they only order layouts.
 NVLINK_BW, NETWORK_BW, PCIE_BW = 300e9, 50e9, 25e9
+# Host-side Adam of an offloaded optimizer, parameters updated per second per GPU: a rough figure for
+# DeepSpeed's vectorised CPU Adam, again only to order layouts.
+HOST_ADAM_PARAMS_PER_S = 1e9
+# Full recompute adds a second forward to forward + backward (a backward costs about two forwards): 4/3.
+RECOMPUTE_COST = 4 / 3
+# TP all-reduces of an s·b·h activation per layer and micro-step (Megatron-LM, Shoeybi et al. 2019,
+# fig. 3-4: two forward, after attention and MLP, two backward), and with full recompute the
+# forward's two again.
+TP_ALLREDUCES_PER_LAYER, TP_ALLREDUCES_PER_LAYER_RECOMPUTE = 4, 6
+# --suggest's search: TP sizes (powers of two within a node), micro batches, how far the global batch
+# may move to split evenly (beyond that the layout is dropped, not the batch changed), and the cost
+# ratio within which layouts tie (then the simpler one wins).
+SUGGEST_TP = (1, 2, 4, 8, 16)
+SUGGEST_MICRO_BATCH = (1, 2, 4, 8, 16, 32)
+SUGGEST_MAX_BATCH_CHANGE = 0.25
+SUGGEST_COST_TIE = 1.02
 SIZE_NAMES = [*SMALL_SIZES, *PAPER_SIZES]
-
-
-class PlanError(ValueError):
-    """A bad input; the message names the flag."""
 
 
 @dataclass
 class Layout:
     model: str = "125m"
-    vocab_size: int = 50000
+    vocab_size: int = 50000  # Galactica's 50k-token vocabulary (the paper's tokenizer)
     nodes: int = 1
     gpus_per_node: int = 8
     gpu_memory_gib: float = 80.0
@@ -102,9 +116,9 @@ class Layout:
     dtype: str = "bf16"
     attention: str = "flash"  # flash | math
     global_batch_tokens: int | None = None  # None: the size's Table-5 batch (conf/model/<size>.yaml)
-    tokens: float = 450e9
+    tokens: float = 450e9  # the paper trains every size for 450B tokens
     mfu: float = 0.4
-    peak_tflops: float = 989.0
+    peak_tflops: float = 989.0  # H100 SXM dense bf16 (NVIDIA's datasheet; 1979 is with sparsity)
     headroom: float = 0.1
 
     @property
@@ -129,14 +143,14 @@ def table5_batch_tokens(size: str) -> int:
     from omegaconf import OmegaConf
     path = CONF_MODEL / f"{size}.yaml"
     if not path.exists():
-        raise PlanError(f"--global-batch-tokens: no default, {path} is missing; pass it explicitly")
+        raise ConfigError(f"--global-batch-tokens: no default, {path} is missing; pass it explicitly")
     return int(OmegaConf.load(path).trainer.global_batch_tokens)
 
 
 def validate(lay: Layout) -> None:
     def need(ok: bool, msg: str) -> None:
         if not ok:
-            raise PlanError(msg)
+            raise ConfigError(msg)
     need(lay.model in SIZE_NAMES, f"--model {lay.model!r} is unknown; choose one of {SIZE_NAMES}")
     for flag, value in (("--nodes", lay.nodes), ("--gpus-per-node", lay.gpus_per_node), ("--tp", lay.tp),
                         ("--micro-batch", lay.micro_batch), ("--seq-len", lay.seq_len),
@@ -153,15 +167,13 @@ def validate(lay: Layout) -> None:
     need(lay.offload == "none" or lay.zero >= 1, "--offload needs --zero 1, 2 or 3")
     need(lay.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {lay.dtype!r}")
     need(lay.attention in ("flash", "math"), f"--attention must be flash or math, got {lay.attention!r}")
-    need(lay.tp <= lay.gpus_per_node, f"--tp {lay.tp} is larger than --gpus-per-node {lay.gpus_per_node} "
-                                      "(tensor parallelism stays within a node)")
-    need(lay.gpus % lay.tp == 0, f"--tp {lay.tp} does not divide the {lay.gpus} GPUs")
     cfg = lay.config()
     need(lay.seq_len <= cfg.max_positions, f"--seq-len {lay.seq_len} exceeds the model's {cfg.max_positions} positions")
-    try:
+    try:  # the trainer's own checks: TP divides the GPUs, stays in a node, and splits the model's widths
+        check_topology(lay.gpus, lay.tp, lay.gpus_per_node, gpus=True)
         cfg.validate_tensor_parallel(lay.tp)
     except ValueError as e:
-        raise PlanError(f"--tp {lay.tp}: {e}") from None
+        raise ConfigError(f"--tp {lay.tp}: {e}") from None
     if lay.global_batch_tokens is not None:
         need(lay.global_batch_tokens >= lay.seq_len,
              f"--global-batch-tokens {lay.global_batch_tokens} is below one sequence of --seq-len {lay.seq_len}")
@@ -256,7 +268,7 @@ def buffers(lay: Layout, touched_only: bool = False) -> dict:
 def global_batch(lay: Layout) -> dict:
     """Sequences per step as gal-train rounds them, and whether they split over micro-batch × DP."""
     tokens = lay.global_batch_tokens or table5_batch_tokens(lay.model)
-    samples = max(1, round(tokens / lay.seq_len))
+    samples = global_batch_samples(tokens, lay.seq_len)
     per = lay.micro_batch * lay.dp
     ok = samples % per == 0
     fixed = max(1, round(samples / per)) * per
@@ -277,7 +289,7 @@ def plan(lay: Layout) -> dict:
     fpt = flops_per_token(cfg, lay.seq_len)
     steps = lay.tokens / (gb["samples"] * lay.seq_len)
     flops_step = fpt * gb["samples"] * lay.seq_len
-    seconds = lay.tokens * fpt / (lay.gpus * lay.peak_tflops * 1e12 * lay.mfu)
+    seconds = lay.tokens * fpt / (lay.gpus * lay.peak_tflops * TERA * lay.mfu)
     return {
         "layout": asdict(lay) | {"global_batch_tokens": gb["tokens"], "dp": lay.dp, "gpus": lay.gpus},
         "params": pc,
@@ -316,24 +328,27 @@ def step_cost(lay: Layout, p: dict) -> float:
     """Seconds per optimizer step, for ranking layouts only: compute at the given MFU (×4/3 with full
     recompute) plus communication that is assumed not to overlap (rough bandwidths at the top)."""
     gb, pc, w = p["batch"], p["params"], lay.w
-    compute = p["flops"]["per_step"] / (lay.gpus * lay.peak_tflops * 1e12 * lay.mfu)
+    compute = p["flops"]["per_step"] / (lay.gpus * lay.peak_tflops * TERA * lay.mfu)
     if lay.activation_checkpointing:
-        compute *= 4 / 3
+        compute *= RECOMPUTE_COST
     micro_steps = gb["samples"] // (lay.micro_batch * lay.dp)
     cfg = lay.config()
-    # TP: 2 all-reduces of s·b·h forward and 2 backward per layer (3 forward again when recomputing)
     tp_bytes = 0.0
-    if lay.tp > 1:
+    if lay.tp > 1:  # a ring all-reduce moves 2·(t-1)/t of the tensor per GPU
         ar = 2 * (lay.tp - 1) / lay.tp * lay.seq_len * lay.micro_batch * cfg.d_model * w
-        tp_bytes = ar * cfg.n_layers * (6 if lay.activation_checkpointing else 4) * micro_steps
+        per_layer = TP_ALLREDUCES_PER_LAYER_RECOMPUTE if lay.activation_checkpointing else TP_ALLREDUCES_PER_LAYER
+        tp_bytes = ar * cfg.n_layers * per_layer * micro_steps
     ring = (lay.dp - 1) / lay.dp if lay.dp > 1 else 0.0
     P = pc["per_tp_shard"]
+    # DP traffic in units of the weights, per step: an all-reduce of the grads (2 ring passes) at stages
+    # 0-1; a reduce-scatter per micro-step plus the weights' all-gather at stage 2; at stage 3 an
+    # all-gather forward, one backward and a reduce-scatter, every micro-step.
     dp_bytes = ring * w * P * {0: 2, 1: 2, 2: micro_steps + 1, 3: 3 * micro_steps}[lay.zero]
     network_bw = NVLINK_BW if lay.nodes == 1 else NETWORK_BW
     offload = 0.0
-    if lay.offload != "none":  # grads down, weights up over PCIe; plus host Adam (≈ 1e9 params/s per GPU)
+    if lay.offload != "none":  # grads down, weights up over PCIe; plus the host's Adam step
         shard = P / (lay.dp if lay.zero >= 1 else 1)
-        offload = (4 + w) * shard / PCIE_BW + shard / 1e9
+        offload = (4 + w) * shard / PCIE_BW + shard / HOST_ADAM_PARAMS_PER_S
         if lay.offload == "param":
             offload += 2 * micro_steps * w * P / lay.dp / PCIE_BW
     return compute + tp_bytes / NVLINK_BW + dp_bytes / network_bw + offload
@@ -342,31 +357,39 @@ def step_cost(lay: Layout, p: dict) -> float:
 def suggest(base: Layout) -> list[tuple[float, Layout, dict]]:
     """Every layout of TP, ZeRO stage, offload, micro batch and recompute that fits, cheapest first.
     When the global batch does not split evenly, the layout uses the nearest batch that does."""
-    cfg = base.config()
     found = []
-    tps = [t for t in (1, 2, 4, 8, 16) if t <= base.gpus_per_node and base.gpus % t == 0
-           and cfg.n_heads % t == 0 and cfg.vocab_size % t == 0 and cfg.d_ffn % t == 0]
-    for tp in tps:
+    for tp in (t for t in SUGGEST_TP if _tp_fits(base, t)):
         for zero in (1, 2, 3):
             for offload in ("none", "optimizer", "param"):
                 if offload == "param" and zero != 3:
                     continue
-                for mb in (1, 2, 4, 8, 16, 32):
+                for mb in SUGGEST_MICRO_BATCH:
                     for ac in (False, True):
                         lay = replace(base, tp=tp, zero=zero, offload=offload, micro_batch=mb,
                                       activation_checkpointing=ac)
                         gb = global_batch(lay)
-                        if abs(gb["suggested_samples"] - gb["samples"]) > 0.25 * gb["samples"]:
-                            continue  # the global batch would have to change by more than 25%
+                        if abs(gb["suggested_samples"] - gb["samples"]) > SUGGEST_MAX_BATCH_CHANGE * gb["samples"]:
+                            continue  # the global batch would have to change too much
                         if not gb["divisible"]:
                             lay = replace(lay, global_batch_tokens=gb["suggested_tokens"])
                         p = plan(lay)
                         if p["fits"]:
                             found.append((step_cost(lay, p), lay, p))
-    # Costs within 2% of each other tie; then the lower ZeRO stage and TP, and the larger micro batch
-    # (the cost model ignores kernel efficiency, which grows with the micro batch) win.
-    found.sort(key=lambda x: (round(math.log(x[0]) / math.log(1.02)), x[1].zero, x[1].tp, -x[1].micro_batch))
+    # Costs within SUGGEST_COST_TIE of each other tie; then the lower ZeRO stage and TP, and the larger
+    # micro batch (the cost model ignores kernel efficiency, which grows with the micro batch) win.
+    found.sort(key=lambda x: (round(math.log(x[0]) / math.log(SUGGEST_COST_TIE)), x[1].zero, x[1].tp,
+                              -x[1].micro_batch))
     return found
+
+
+def _tp_fits(lay: Layout, tp: int) -> bool:
+    """Whether validate() would accept ``tp`` for this layout (the same two checks)."""
+    try:
+        check_topology(lay.gpus, tp, lay.gpus_per_node, gpus=True)
+        lay.config().validate_tensor_parallel(tp)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- CLI
@@ -467,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.suggest:
             found = suggest(lay)
             if not found:
-                raise PlanError(f"--suggest: no layout of {lay.model} fits {lay.nodes} node(s) × {lay.gpus_per_node} "
+                raise ConfigError(f"--suggest: no layout of {lay.model} fits {lay.nodes} node(s) × {lay.gpus_per_node} "
                                 f"GPU(s) of {lay.gpu_memory_gib:g} GiB; add --nodes or GPU memory")
             cost, best, p = found[0]
             p["step_cost_seconds"] = cost
@@ -476,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                                  for c, l, _ in found[1:6]]
         else:
             p = plan(lay)
-    except PlanError as e:
+    except ConfigError as e:
         print(f"gal-plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:

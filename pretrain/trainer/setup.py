@@ -1,0 +1,215 @@
+"""Everything before the first step: config checks, the process group, data, model, engine, resume.
+
+:func:`build_run` returns a :class:`Run` that :func:`pretrain.trainer.loop.fit` trains. The pieces are
+public so that tools build exactly what training builds: :func:`check` (before any rendezvous),
+:func:`build_engine` (the export test's and bench/train_step.py's engine) and :func:`restore`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from launch.env import DistEnv, check_topology
+from model import parallel
+from model.config import GalacticaConfig
+from model.transformer import GalacticaLM
+from pretrain.config import ConfigError, TrainConfig, config_hash, global_batch_samples, model_config, validate
+from pretrain.data.loader import EpochLoader
+from pretrain.data.shards import ShardReader, read_manifest
+from pretrain.evaluation.validation import ValidationSchedule, Validator
+from pretrain.trainer import checkpoint, engine as ds_engine
+from pretrain.trainer.faults import Drills
+from pretrain.trainer.guards import LossGuard, Preemption, TrainState
+from pretrain.analysis.watch import DoubleDescentWatch
+from pretrain.trainer.metrics import Metrics, SampleLog
+from pretrain.trainer.progress import Progress
+from pretrain.trainer.schedule import refresh_lr
+from pretrain.trainer.throughput import StepTimer, peak_flops
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The run's batch arithmetic, fixed by the config, the shards and the world size."""
+
+    seq_len: int
+    num_samples: int  # training samples in one epoch
+    global_batch: int  # sequences per optimizer step (all ranks)
+    grad_accum: int  # micro-steps per optimizer step on each rank
+    total_steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.num_samples * self.seq_len
+
+
+@dataclass
+class Data:
+    path: Path
+    manifest: dict
+    train: ShardReader
+
+
+def check(cfg: TrainConfig, world_size: int) -> tuple[Data, GalacticaConfig, Shapes]:
+    """Read the shards' manifest and index and check the config against them and the world size:
+    a bad config fails here, on every rank alike, before any rendezvous."""
+    path = Path(cfg.data.path)
+    manifest = read_manifest(path)
+    train = ShardReader(path / "train")
+    seq_len = train.sample_len - 1
+    model_cfg = model_config(cfg, manifest)
+    validate(cfg, seq_len=seq_len, model_cfg=model_cfg, world_size=world_size)
+    t = cfg.trainer
+    gbs = global_batch_samples(t.global_batch_tokens, seq_len)
+    total_tokens = t.max_tokens or int(t.max_epochs * len(train) * seq_len)
+    shapes = Shapes(seq_len=seq_len, num_samples=len(train), global_batch=gbs,
+                    grad_accum=gbs // (t.micro_batch_size * (world_size // t.tensor_parallel)),
+                    total_steps=max(1, math.ceil(total_tokens / (gbs * seq_len))))
+    return Data(path, manifest, train), model_cfg, shapes
+
+
+def init_distributed(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    """Join the process group (gloo on the CPU, NCCL on GPUs) with megatron's TP/DP groups."""
+    if env.source != "single":
+        env.export()
+    else:
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists; a single process needs no rendezvous
+    want = cfg.trainer.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    check_topology(env.world_size, cfg.trainer.tensor_parallel, env.local_world_size, gpus=device.type == "cuda")
+    parallel.init_distributed(cfg.trainer.tensor_parallel, backend="nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    ds_config: dict
+    warmup_steps: int
+    params: int  # counted before ZeRO-3 partitions them
+    flops_per_token: float
+
+
+def build_engine(cfg: TrainConfig, model_cfg: GalacticaConfig, shapes: Shapes, device: torch.device,
+                 load_universal: bool = False) -> tuple[object, EngineInfo]:
+    """The model (seeded by ``seed``) in the DeepSpeed engine, reading checkpoints with weights_only."""
+    parallel.manual_seed(cfg.seed)
+    model = GalacticaLM(model_cfg)
+    params, flops = model.num_parameters(), model.flops_per_token(shapes.seq_len)
+    if device.type == "cuda":
+        model = model.to(device)
+    engine, ds_config, warmup = ds_engine.build(
+        cfg, model, micro_batch_size=cfg.trainer.micro_batch_size, grad_accum=shapes.grad_accum,
+        tokens_per_step=shapes.tokens_per_step, total_steps=shapes.total_steps, device=device,
+        load_universal=load_universal)
+    checkpoint.use_weights_only_loading(engine)
+    return engine, EngineInfo(ds_config, warmup, params, flops)
+
+
+def client_state(loader: EpochLoader, state: TrainState, cfg_hash: str) -> dict:
+    """What a checkpoint carries beside DeepSpeed's own state (RNG states are added by checkpoint.save)."""
+    return {"loader": loader.state_dict(), "train_state": asdict(state), "config_hash": cfg_hash,
+            "universal_checkpoint_info": {}}
+
+
+def restore(engine, loader: EpochLoader, start: tuple[Path, str], universal: bool, cfg_hash: str) -> TrainState:
+    """Load a checkpoint into the engine and loader; returns the loop's counters."""
+    client = checkpoint.load(engine, checkpoint.to_universal(*start) if universal else start[0], start[1])
+    loader.load_state_dict(client["loader"])
+    refresh_lr(engine)
+    if client.get("config_hash") != cfg_hash and dist.get_rank() == 0:
+        print(f"warning: resuming {start[0] / start[1]} with a changed model/data/optim config", file=sys.stderr)
+    return TrainState(**client["train_state"])
+
+
+def saved_layout(cfg: TrainConfig, start: tuple[Path, str] | None) -> bool:
+    """Whether the checkpoint to resume needs DeepSpeed's universal format (another data-parallel
+    size); another tensor-parallel size is an error."""
+    if start is None:
+        return False
+    saved = checkpoint.read_layout(*start)
+    if saved["tp_size"] != cfg.trainer.tensor_parallel:
+        raise ConfigError(f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, but {start[0] / start[1]} was "
+                          f"saved with tensor parallelism {saved['tp_size']}: resume with the same TP size")
+    return saved["dp_size"] != parallel.dp_size()
+
+
+@dataclass
+class Run:
+    """A training run ready for its first (or next) step: what :func:`pretrain.trainer.loop.fit` uses."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    shapes: Shapes
+    engine: object  # deepspeed.DeepSpeedEngine
+    loader: EpochLoader
+    validator: Validator
+    schedule: ValidationSchedule
+    state: TrainState
+    guard: LossGuard
+    preemption: Preemption
+    drills: Drills
+    metrics: Metrics
+    timer: StepTimer
+    sample_log: SampleLog | None
+    progress: Progress
+    watch: DoubleDescentWatch | None  # on the main rank, with validation on
+    config_hash: str
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
+    """Check, join, build, restore, and open the run directory's records (config, metrics, wandb)."""
+    data, model_cfg, shapes = check(cfg, env.world_size)
+    drills = Drills.from_config(cfg.trainer.inject_nan_at_steps)
+    device = init_distributed(cfg, env)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
+    universal = saved_layout(cfg, start)
+    engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
+    loader = EpochLoader(data.train, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
+                         dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
+                         pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
+    cfg_hash = config_hash(cfg)
+    state = restore(engine, loader, start, universal, cfg_hash) if start else TrainState()
+    is_main = dist.get_rank() == 0
+    if is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(info.ds_config, indent=2))
+    metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), use_wandb=cfg.logger.wandb,
+                      project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name,
+                      console=cfg.logger.console, resume_step=state.step)
+    peak, peak_source = peak_flops(device)
+    metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=info.params,
+                  world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),
+                  zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
+                  seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
+                  train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
+                  drills=drills.active)
+    return Run(cfg=cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
+               validator=Validator(cfg.validation, data.path, data.manifest, data.train, seed=cfg.data.seed),
+               schedule=ValidationSchedule(cfg.validation, shapes.tokens_per_epoch), state=state,
+               guard=LossGuard(cfg.trainer, state), preemption=Preemption(), drills=drills, metrics=metrics,
+               timer=StepTimer(info.flops_per_token, peak, dist.get_world_size()),
+               sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
+               progress=Progress(metrics.console, shapes.total_steps, state.step, enabled=is_main),
+               watch=DoubleDescentWatch(run_dir / "metrics.jsonl") if is_main and cfg.validation.enabled else None,
+               config_hash=cfg_hash)
