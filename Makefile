@@ -1,10 +1,11 @@
-# Two commands: `make train` and `make test`. Both create .venv on first use.
+# Two commands: `make train` and `make test` (`make test-fast`: the unit tier only, no trainer, torchrun or
+# Slurm; under 3 min on 2 cores). All create .venv on first use.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test test-fast clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# markers: pyproject.toml [tool.pytest.ini_options]
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow and not multirank and not slurm and not trainer"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -73,12 +73,12 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
 
     from model import GalacticaConfig, GalacticaLM, parallel
     from pretrain.trainer import engine as ds_engine
-    from pretrain.config import TrainConfig
+    from pretrain.config import TrainConfig, model_preset
     from pretrain.trainer.throughput import peak_flops
 
     device = torch.device("cuda", 0)
     parallel.manual_seed(0)
-    config = GalacticaConfig.from_name(size, vocab_size=args.vocab, dropout=0.0, attention_dropout=0.0)
+    config = model_preset(size, vocab_size=args.vocab, dropout=0.0, attention_dropout=0.0)
     model = GalacticaLM(config).to(device)  # with CUDA megatron already builds every weight on the GPU
     flops_per_token = model.flops_per_token(args.seq_len)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -5,7 +5,8 @@ One place reads them, in this order:
 * **torchrun** (or any launcher that sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``);
 * **SLURM** under ``srun`` (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``; the master
   is ``MASTER_ADDR`` if set, else the first host of the step's nodelist as ``scontrol show hostnames``
-  expands it; the port is derived from the job id so that two jobs sharing a node do not collide).
+  expands it; the port is derived from the job id so that two jobs sharing a node do not collide: the
+  rules of launch/slurm.py).
   The batch script itself also carries ``SLURM_PROCID=0`` but no step id: there a world of more than
   one task is an error (start the tasks with srun), a world of one is a single process;
 * **submitit's local executor** (``hydra/launcher=local`` with ``tasks_per_node > 1``: one machine,
@@ -17,9 +18,10 @@ No ssh, no pdsh, no hostfile: every process finds the others through the master 
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 from dataclasses import dataclass
+
+from launch.slurm import master_addr, master_port
+from pretrain.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -41,25 +43,6 @@ class DistEnv:
         os.environ.update(RANK=str(self.rank), LOCAL_RANK=str(self.local_rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
                           MASTER_PORT=str(self.master_port))
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a SLURM nodelist such as ``gpu[003-005,009]``, as ``scontrol show hostnames``
-    expands it; without a working scontrol (no slurm.conf, a container) the first entry is expanded here."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        if out:
-            return out[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    depth, end = 0, len(nodelist)
-    for i, c in enumerate(nodelist):  # the first entry ends at the first comma outside brackets
-        depth += (c == "[") - (c == "]")
-        if c == "," and depth == 0:
-            end = i
-            break
-    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
 
 
 def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
@@ -88,26 +71,24 @@ def detect(environ: dict | None = None) -> DistEnv:
             return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0) or 0), "single")
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
         local_world = _tasks_on_node(per_node, int(env.get("SLURM_NODEID", 0)))
-        # rank 0 runs on the first node of the step (a step may use a subset of the job's nodes)
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "localhost")
-        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
-        port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world, addr,
-                       port, "slurm")
+        port = int(env.get("MASTER_PORT") or master_port(int(env["SLURM_JOB_ID"])))
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world,
+                       master_addr(env), port, "slurm")
     if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
         world = int(env["SUBMITIT_LOCAL_NTASKS"])
-        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SUBMITIT_LOCAL_JOB_ID", 0)) % 20000)
+        port = int(env.get("MASTER_PORT") or master_port(int(env.get("SUBMITIT_LOCAL_JOB_ID", 0))))
         return DistEnv(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), world, world,
                        env.get("MASTER_ADDR", "127.0.0.1"), port, "submitit-local")
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0) or 0), "single")
 
 
 def check_topology(world_size: int, tensor_parallel: int, local_world_size: int, *, gpus: bool) -> None:
-    """Clear errors for layouts that cannot work, naming the config key."""
+    """Clear errors for layouts that cannot work, naming the config key. The one check that TP divides the
+    world size: it runs before the process groups are built (pretrain/train.py), and needs no model or data."""
     if tensor_parallel < 1:
-        raise ValueError(f"trainer.tensor_parallel={tensor_parallel} must be >= 1")
+        raise ConfigError(f"trainer.tensor_parallel={tensor_parallel} must be >= 1")
     if world_size % tensor_parallel:
-        raise ValueError(f"world size {world_size} is not divisible by trainer.tensor_parallel={tensor_parallel}")
+        raise ConfigError(f"world size {world_size} is not divisible by trainer.tensor_parallel={tensor_parallel}")
     if gpus and tensor_parallel > local_world_size:
-        raise ValueError(f"trainer.tensor_parallel={tensor_parallel} is larger than the {local_world_size} GPUs "
-                         "per node: tensor parallelism must stay inside a node (NVLink)")
+        raise ConfigError(f"trainer.tensor_parallel={tensor_parallel} is larger than the {local_world_size} GPUs "
+                          "per node: tensor parallelism must stay inside a node (NVLink)")

@@ -67,8 +67,9 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 from launch.env import check_topology
-from model.config import PAPER_SIZES, SMALL_SIZES, GalacticaConfig
-from pretrain.config import CONF_DIR, ConfigError, global_batch_samples
+from model.config import GalacticaConfig
+from pretrain.config import (CONF_DIR, ConfigError, divisible_global_batch_samples, global_batch_samples, model_preset,
+                             model_sizes)
 
 GIB = 2**30
 TERA = 1e12
@@ -96,7 +97,7 @@ SUGGEST_TP = (1, 2, 4, 8, 16)
 SUGGEST_MICRO_BATCH = (1, 2, 4, 8, 16, 32)
 SUGGEST_MAX_BATCH_CHANGE = 0.25
 SUGGEST_COST_TIE = 1.02
-SIZE_NAMES = [*SMALL_SIZES, *PAPER_SIZES]
+SIZE_NAMES = model_sizes()  # conf/model/*.yaml
 
 
 @dataclass
@@ -134,8 +135,8 @@ class Layout:
         return 2 if self.dtype == "bf16" else 4
 
     def config(self) -> GalacticaConfig:
-        return GalacticaConfig.from_name(self.model, vocab_size=self.vocab_size,
-                                         activation_checkpointing=self.activation_checkpointing)
+        return model_preset(self.model, vocab_size=self.vocab_size,
+                            activation_checkpointing=self.activation_checkpointing)
 
 
 def table5_batch_tokens(size: str) -> int:
@@ -271,7 +272,7 @@ def global_batch(lay: Layout) -> dict:
     samples = global_batch_samples(tokens, lay.seq_len)
     per = lay.micro_batch * lay.dp
     ok = samples % per == 0
-    fixed = max(1, round(samples / per)) * per
+    fixed = divisible_global_batch_samples(samples, per)
     return {"tokens": tokens, "samples": samples, "grad_accum": samples // per if ok else None,
             "divisible": ok, "suggested_tokens": fixed * lay.seq_len, "suggested_samples": fixed}
 
@@ -453,7 +454,7 @@ def parser() -> argparse.ArgumentParser:
                     "Galactica size on a cluster layout; --suggest finds the cheapest layout that fits.",
         epilog="Example: gal-plan --model 120b --nodes 128 --suggest")
     d = Layout()
-    ap.add_argument("--model", default=d.model, choices=SIZE_NAMES, help="model size (model/config.py)")
+    ap.add_argument("--model", default=d.model, choices=SIZE_NAMES, help="model size (conf/model/<size>.yaml)")
     ap.add_argument("--vocab-size", type=int, default=d.vocab_size, help="tokenizer vocabulary")
     ap.add_argument("--nodes", type=int, default=d.nodes, help="nodes")
     ap.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="GPUs per node")

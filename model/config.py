@@ -1,24 +1,11 @@
-"""GalacticaConfig: the model's shape and regularization, with the paper's sizes by name."""
+"""GalacticaConfig: the model's shape and regularization. The presets (the paper's sizes, the CPU ones)
+are conf/model/<size>.yaml; ``pretrain.config.model_preset(size)`` builds one."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # a label the loss skips (padding); torch's cross_entropy default
-
-# Galactica paper (arXiv 2211.09085), Table 5: name -> (layers, d_model, heads).
-PAPER_SIZES: dict[str, tuple[int, int, int]] = {
-    "125m": (12, 768, 12),
-    "1.3b": (24, 2048, 32),
-    "6.7b": (32, 4096, 32),
-    "30b": (48, 7168, 56),
-    "120b": (96, 10240, 80),
-}
-# Small shapes for CPU tests and the default CPU run (not in the paper).
-SMALL_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (4, 128, 4),
-    "tiny-2l": (2, 64, 4),
-}
 
 
 @dataclass
@@ -90,16 +77,3 @@ class GalacticaConfig:
             if value % tp_size:
                 raise ValueError(f"GalacticaConfig.{name}={value} is not divisible by the tensor-parallel "
                                  f"size {tp_size} (pad the vocabulary or pick another TP size)")
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "GalacticaConfig":
-        """`tiny`, `tiny-2l`, or a paper size `125m`, `1.3b`, `6.7b`, `30b`, `120b`; fields can be overridden."""
-        sizes = {**SMALL_SIZES, **PAPER_SIZES}
-        if name not in sizes:
-            raise ValueError(f"GalacticaConfig name {name!r} is unknown; choose one of {sorted(sizes)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"GalacticaConfig has no field(s) {unknown}")
-        n_layers, d_model, n_heads = sizes[name]
-        return replace(cls(n_layers=n_layers, d_model=d_model, n_heads=n_heads), **overrides)

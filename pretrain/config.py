@@ -17,6 +17,8 @@ from omegaconf import MISSING
 
 from model.config import GalacticaConfig
 
+PAPER_VOCAB_SIZE = 50000  # the paper's BPE vocabulary (§3.1)
+
 # The Hydra config directory of every gal-* command (an absolute path: under a console script Hydra
 # would resolve a relative one against the module's package).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -24,18 +26,23 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 class ConfigError(ValueError):
     """Input that cannot work (a config value, a flag, a run directory, a checkpoint): the one-line
-    message names the key, flag or path, and what to do. Every gal-* command prints it and exits 1."""
+    message names the key, flag or path, and what to do. The gal-* commands print it and exit non-zero."""
 
 
 @dataclass
 class ModelConf:
-    size: str = "tiny"  # tiny | 125m | 1.3b | 6.7b | 30b | 120b (model.config.GalacticaConfig.from_name)
-    n_layers: Optional[int] = None  # None: the size's shape; set these three for a custom shape
-    d_model: Optional[int] = None
-    n_heads: Optional[int] = None
+    """The whole shape: conf/model/<size>.yaml sets every field (the paper's Table 5 for paper sizes);
+    any of them can be overridden (``model.n_layers=6``) for a custom shape."""
+
+    size: str = MISSING  # the preset's name (conf/model/<size>.yaml); a label in config.yaml and wandb
+    n_layers: int = MISSING
+    d_model: int = MISSING
+    n_heads: int = MISSING
+    ffn_mult: int = 4  # FFN width = ffn_mult × d_model (the paper: 4)
+    max_positions: int = 2048  # learned positions (the paper's context)
+    dropout: float = 0.1  # residual dropout (the paper: 0.1)
+    attention_dropout: float = 0.1
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary, read from the shards' manifest
-    dropout: Optional[float] = None  # None: the size's default (0.1, as in the paper)
-    attention_dropout: Optional[float] = None
     activation_checkpointing: bool = False
 
 
@@ -142,9 +149,7 @@ def register() -> None:
 def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, world_size: int) -> None:
     """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
     t, d = cfg.trainer, cfg.deepspeed
-    tp = t.tensor_parallel
-    if tp < 1 or world_size % tp:
-        raise ConfigError(f"trainer.tensor_parallel={tp} does not divide the world size {world_size}")
+    tp = t.tensor_parallel  # >= 1 and dividing the world size: launch.env.check_topology, called first
     try:
         model_cfg.validate_tensor_parallel(tp)
     except ValueError as e:
@@ -158,7 +163,7 @@ def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, worl
         raise ConfigError(f"trainer.global_batch_tokens={t.global_batch_tokens} gives {gbs} sequences of "
                           f"{seq_len} tokens, not divisible by trainer.micro_batch_size={t.micro_batch_size} × "
                           f"{dp} data-parallel ranks; e.g. trainer.global_batch_tokens="
-                          f"{max(1, round(gbs / (t.micro_batch_size * dp))) * t.micro_batch_size * dp * seq_len}")
+                          f"{divisible_global_batch_samples(gbs, t.micro_batch_size * dp) * seq_len}")
     if d.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={d.zero_stage} must be 0, 1, 2 or 3")
     if d.offload_param and d.zero_stage != 3:
@@ -186,19 +191,59 @@ def global_batch_samples(global_batch_tokens: int, seq_len: int) -> int:
     return max(1, round(global_batch_tokens / seq_len))
 
 
+def divisible_global_batch_samples(samples: int, per_step: int) -> int:
+    """The sequence count nearest ``samples`` that splits evenly into micro-batch × DP (``per_step``)."""
+    return max(1, round(samples / per_step)) * per_step
+
+
 def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
-    """model.size with the run's overrides; the vocabulary from the shards' manifest unless model.vocab_size."""
-    m = cfg.model
-    overrides = dict(n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
-                     vocab_size=m.vocab_size or manifest["vocab_size"], dropout=m.dropout,
-                     attention_dropout=m.attention_dropout, activation_checkpointing=m.activation_checkpointing)
+    """The model section as a GalacticaConfig; the vocabulary from the shards' manifest unless model.vocab_size."""
+    m = asdict(cfg.model)
+    del m["size"]
+    m["vocab_size"] = m["vocab_size"] or manifest["vocab_size"]
     try:
-        return GalacticaConfig.from_name(m.size, **{k: v for k, v in overrides.items() if v is not None})
+        return GalacticaConfig(**m)
     except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"model (model.size={cfg.model.size}): {e}") from None
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """What must not change across a resume: the model, data and optimizer settings."""
-    keep = {k: asdict(getattr(cfg, k)) for k in ("model", "data", "optim")}
+def model_preset(size: str, **overrides) -> GalacticaConfig:
+    """The GalacticaConfig of conf/model/<size>.yaml (vocabulary 50000 unless overridden): for tools
+    and tests that need a preset without composing a whole run config."""
+    from omegaconf import OmegaConf
+
+    path = CONF_DIR / "model" / f"{size}.yaml"
+    if not path.exists():
+        raise ConfigError(f"model size {size!r} is unknown; choose one of {model_sizes()}")
+    model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConf), OmegaConf.load(path).model))
+    model.vocab_size = model.vocab_size or PAPER_VOCAB_SIZE
+    fields = {**asdict(model), **overrides}
+    del fields["size"]
+    return GalacticaConfig(**fields)
+
+
+def model_sizes() -> list[str]:
+    """The presets in conf/model/."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+# What must not change across a resume. The model's shape is checked against the checkpoint before
+# anything loads (a different shape cannot load: an error); a change in the keys below only warns.
+# Runtime knobs (paths, prefetch, logging, validation, checkpoint interval) are free to change.
+SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "ffn_mult", "max_positions", "vocab_size")
+HASHED_KEYS = ("model.dropout", "model.attention_dropout", "optim", "data.seed", "seed")
+
+
+def model_shape(model_cfg: GalacticaConfig) -> dict[str, int]:
+    return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
+
+
+def config_hash(cfg: TrainConfig, data_identity: str) -> str:
+    """A digest of HASHED_KEYS and the data's identity (its shards' and tokenizer's hashes, not its path)."""
+    keep = {"data_identity": data_identity}
+    for key in HASHED_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        keep[key] = asdict(node) if hasattr(node, "__dataclass_fields__") else node
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

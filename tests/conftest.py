@@ -1,17 +1,24 @@
-"""Shared test helpers: paths, the shared science corpus, and running code under torchrun."""
+"""Fixtures shared by the whole suite (the shared science corpus, the local Slurm cluster) and the marker
+rules; the helpers themselves are plain functions in tests/helpers.py."""
 from __future__ import annotations
 
 import os
-import socket
+import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_CORPUS = REPO.parent / "shared" / "corpus"
+from helpers import SHARED_CORPUS, SLURM_NODES, SLURM_SCRIPTS, SlurmCluster, slurm_cluster_answers, slurm_cluster_env
+from helpers import REPO  # noqa: F401  transitional: test_plan.py and test_slurm_examples.py still import it from here
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    """A test that uses the Slurm cluster is a `slurm` test, however it is marked."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slurm") is None:
+            item.add_marker(pytest.mark.slurm)
 
 
 @pytest.fixture(scope="session")
@@ -22,34 +29,31 @@ def shared_corpus() -> Path:
     return SHARED_CORPUS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, env: dict | None = None):
-    """Run `script` under torchrun with `nproc` CPU processes (gloo); fail the test with its output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=REPO)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def synthetic_shards(root: Path, seq_len: int, n_samples: int, samples_per_shard: int = 16, vocab: int = 256) -> Path:
-    """``n_samples`` learnable token ramps (ids 4..253) in real shards under ``root/train``, with a manifest:
-    enough for the trainer when no tokenizer is needed."""
-    from pretrain.data.shards import ShardWriter
-    import json
-
-    rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
-    for i in range(n_samples):
-        toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0], "pad_tokens": 0})
-    w.close()
-    (root / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "pad_id": 1}))
-    return root
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real local Slurm cluster (helpers.SlurmCluster): the one answering at $SLURM_CI_DIR (default
+    /tmp/slurm-ci), left running; or one started here with tests/slurm/start-slurm.sh and stopped at the end."""
+    d = Path(os.environ.get("SLURM_CI_DIR", "/tmp/slurm-ci"))
+    env = slurm_cluster_env(d)
+    if slurm_cluster_answers(env):
+        yield SlurmCluster(d, env)
+        return
+    if os.geteuid() != 0:
+        pytest.skip(f"no Slurm cluster answers at SLURM_CI_DIR={d}, and starting one (tests/slurm/start-slurm.sh) "
+                    "needs root")
+    if not (shutil.which("apt-get") or shutil.which("slurmctld")):
+        pytest.skip(f"no Slurm cluster answers at SLURM_CI_DIR={d}, and tests/slurm/start-slurm.sh needs apt-get "
+                    "(Debian's slurmctld, slurmd, slurm-client, munge packages)")
+    proc = subprocess.run(["bash", str(SLURM_SCRIPTS / "start-slurm.sh")], capture_output=True, text=True,
+                          timeout=600, env={**env, "SLURM_CI_DIR": str(d), "NODES": str(len(SLURM_NODES)), "CPUS": "2"})
+    started = SlurmCluster(d, env, started_here=True)
+    try:
+        if proc.returncode != 0:
+            if not shutil.which("slurmctld"):
+                pytest.skip(f"could not install Slurm's Debian packages (slurmctld slurmd slurm-client munge):\n"
+                            f"{proc.stderr[-2000:]}")
+            pytest.fail(f"tests/slurm/start-slurm.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                        f"{proc.stderr[-3000:]}")
+        yield started
+    finally:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop-slurm.sh")], env={**env, "SLURM_CI_DIR": str(d)}, timeout=60)

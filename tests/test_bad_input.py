@@ -7,7 +7,7 @@ import json
 import pytest
 import zstandard
 
-from test_prepare_helpers import make_cfg, run_cli, write_jsonl
+from helpers import make_cfg, run_cli, write_jsonl
 
 from pretrain.data.pipeline import builtin_sample_files, prepare
 from pretrain.data.read import BadInput

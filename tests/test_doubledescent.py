@@ -5,7 +5,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from pretrain.doubledescent import DetectConfig, detect, noise_level
+from pretrain.analysis.doubledescent import DetectConfig, detect, noise_level
 
 EPOCH = 1000  # tokens per epoch
 N = 60  # rounds per epoch
@@ -134,8 +134,8 @@ def test_noise_methods_and_bad_input():
 def test_online_watch_reads_only_new_lines_and_waits_for_a_half_written_one(tmp_path):
     """DoubleDescentWatch tails metrics.jsonl: the verdict equals the offline one, a partial last line is
     left for the next update, and unrelated rows are not kept."""
-    from pretrain.doubledescent import from_metrics
-    from pretrain.validation import DoubleDescentWatch
+    from pretrain.analysis.doubledescent import from_metrics
+    from pretrain.analysis.watch import DoubleDescentWatch
 
     t = rounds()
     y = bumpy(t) + np.random.default_rng(0).normal(0, SIGMA, len(t))

@@ -8,18 +8,17 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, torchrun
+from helpers import BIN, REPO, synthetic_shards, torchrun, train, train_env
 from pretrain import export
-from pretrain.data.shards import ShardWriter
 from pretrain.tokenizer import GalacticaTokenizer
-from test_train import env, train
+
+# every test needs a 2-rank training run (directly or through the module's zero3_tp2_run)
+pytestmark = [pytest.mark.trainer, pytest.mark.multirank, pytest.mark.slow]
 
 SEQ = 32
 VOCAB = 512  # the tokenizer's (the manifest's) vocabulary; the model takes it (model.vocab_size=null)
@@ -30,18 +29,11 @@ TRAIN = ["trainer.max_tokens=384", "logger.wandb=false", "logger.console=false"]
 def shards(tmp_path_factory) -> Path:
     """40 synthetic samples with the real ShardWriter, and a real (tiny) tokenizer where gal-prepare puts it."""
     root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=16)
-    for i in range(40):
-        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * (i % 5 + 1)) % 250 + 4
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0], "pad_tokens": 0})
-    w.close()
     with gzip.open(REPO / "pretrain" / "data" / "sample" / "docstrings.jsonl.gz", "rt") as f:
         docs = [json.loads(line)["text"] for _, line in zip(range(300), f)]
     tok = GalacticaTokenizer.train(docs, root / "tokenizer", vocab_size=VOCAB, progress=False)
-    (root / "manifest.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "pad_id": 1,
-                                                    "tokenizer": {"model": "tokenizer/tokenizer.model"}}))
-    return root
+    return synthetic_shards(root, SEQ, 40, samples_per_shard=16, vocab=tok.vocab_size,
+                            manifest={"tokenizer": {"model": "tokenizer/tokenizer.model"}})
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +44,8 @@ def zero3_tp2_run(shards, tmp_path_factory) -> Path:
 
 
 def gal_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "gal-export"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=env())
+    return subprocess.run([str(BIN / "gal-export"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=train_env())
 
 
 @pytest.mark.multirank

@@ -4,10 +4,11 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
+@pytest.mark.trainer
 @pytest.mark.timeout(1800)  # ~4 min on an idle 2-core machine; far longer when the cores are shared
 def test_make_train_finishes_and_the_loss_falls(tmp_path):
     run_dir, shards = tmp_path / "run", tmp_path / "shards"

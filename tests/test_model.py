@@ -4,7 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from model import GalacticaConfig, GalacticaLM, parallel
-from model.config import PAPER_SIZES
+from pretrain.config import ConfigError, model_preset
+
+# The paper's Table 5 (arXiv 2211.09085): layers, d_model, heads; conf/model/<size>.yaml must carry them.
+PAPER_SIZES = {"125m": (12, 768, 12), "1.3b": (24, 2048, 32), "6.7b": (32, 4096, 32), "30b": (48, 7168, 56),
+               "120b": (96, 10240, 80)}
 
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=500, max_positions=64)
 
@@ -17,8 +21,9 @@ def small_model(seed: int = 0, **overrides) -> GalacticaLM:
 @pytest.mark.parametrize("name, expected", [("125m", 125e6), ("1.3b", 1.3e9), ("6.7b", 6.7e9),
                                             ("30b", 30e9), ("120b", 120e9)])
 def test_paper_sizes_on_meta_device(name, expected):
-    config = GalacticaConfig.from_name(name)
+    config = model_preset(name)
     assert (config.n_layers, config.d_model, config.n_heads) == PAPER_SIZES[name]
+    assert (config.dropout, config.attention_dropout, config.max_positions) == (0.1, 0.1, 2048)
     assert config.d_ffn == 4 * config.d_model and config.vocab_size == 50000
     with torch.device("meta"):
         model = GalacticaLM(config)
@@ -113,18 +118,18 @@ def test_config_errors_name_the_field(overrides, field):
         GalacticaConfig(**{**SMALL, **overrides})
 
 
-def test_config_from_name_errors():
-    with pytest.raises(ValueError, match="unknown"):
-        GalacticaConfig.from_name("7b")
-    with pytest.raises(ValueError, match="no field"):
-        GalacticaConfig.from_name("tiny", n_layer=3)
-    assert GalacticaConfig.from_name("tiny", vocab_size=1000).vocab_size == 1000
+def test_model_preset_errors():
+    with pytest.raises(ConfigError, match="unknown; choose one of .*125m"):
+        model_preset("7b")
+    with pytest.raises(TypeError, match="n_layer"):
+        model_preset("tiny", n_layer=3)
+    assert model_preset("tiny", vocab_size=1000).vocab_size == 1000
     with pytest.raises(ValueError, match="vocab_size=50001 is not divisible"):
-        GalacticaConfig.from_name("tiny", vocab_size=50001).validate_tensor_parallel(2)
+        model_preset("tiny", vocab_size=50001).validate_tensor_parallel(2)
 
 
 def test_output_init_is_scaled():
-    config = GalacticaConfig.from_name("tiny", init_std=0.02)
+    config = model_preset("tiny", init_std=0.02)
     assert config.output_init_std == pytest.approx(0.02 / (2 * config.n_layers) ** 0.5)
     model = small_model(init_std=0.02, n_layers=8, d_model=256, n_heads=4)
     proj_std = model.blocks[0].attn.proj.weight.std().item()

@@ -4,7 +4,7 @@ import torch
 
 from model import GalacticaConfig, GalacticaLM
 from model.hf import full_state_dict
-from conftest import REPO, torchrun
+from helpers import REPO, torchrun
 
 CONFIG = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=1000, max_positions=64,
               dropout=0.0, attention_dropout=0.0)

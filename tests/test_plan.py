@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from conftest import REPO
-from pretrain import plan as gp
+from helpers import BIN, REPO
+from launch import plan as gp
+from pretrain.config import CONF_DIR, ConfigError, global_batch_samples, model_preset
 
-GAL_PLAN = REPO / ".venv" / "bin" / "gal-plan"
+GAL_PLAN = BIN / "gal-plan"
 PAPER = ["125m", "1.3b", "6.7b", "30b", "120b"]
 # (nodes, TP): DeepSpeed's estimators know no TP; with TP they are given one TP shard and DP = GPUs / TP.
 LAYOUTS = [(1, 1), (16, 1), (128, 8)]
@@ -49,7 +49,7 @@ def test_param_counts_agree_with_the_model():
     from model.config import GalacticaConfig
     from model.transformer import GalacticaLM
     for size in ("tiny", "125m", "1.3b"):
-        cfg = GalacticaConfig.from_name(size)
+        cfg = model_preset(size)
         with torch.device("meta"):
             model = GalacticaLM(cfg)
         assert gp.param_counts(cfg)["total"] == model.num_parameters()
@@ -86,6 +86,26 @@ def test_known_fits():
     assert gp.plan(gp.Layout(model="125m", nodes=1, gpus_per_node=1, zero=2))["fits"]
     # 6.7B on one 80 GiB GPU: 16 bytes of model states per parameter alone are ~100 GiB
     assert not gp.plan(gp.Layout(model="6.7b", nodes=1, gpus_per_node=1, zero=0))["fits"]
+
+
+def test_global_batch_is_rounded_as_the_trainer_rounds_it():
+    assert gp.CONF_MODEL == CONF_DIR / "model"
+    for tokens in (1000, 2047, 3100, 2_000_000, 4_000_001):  # not all whole sequences
+        lay = gp.Layout(model="125m", seq_len=2048, global_batch_tokens=tokens)
+        assert gp.global_batch(lay)["samples"] == global_batch_samples(tokens, 2048)
+    assert gp.global_batch(gp.Layout(model="30b"))["tokens"] == 2_000_000  # conf/model/30b.yaml
+
+
+def test_tp_is_checked_by_the_trainers_own_rules():
+    """check_topology (launch/env.py) and GalacticaConfig.validate_tensor_parallel, as ConfigError naming --tp;
+    --suggest only tries what validate accepts."""
+    for lay, msg in [(gp.Layout(model="120b", nodes=2, tp=16), "--tp 16: .*larger than the 8 GPUs per node"),
+                     (gp.Layout(model="120b", nodes=1, tp=3), "--tp 3: world size 8 is not divisible"),
+                     (gp.Layout(model="1.3b", gpus_per_node=3, tp=3), "--tp 3: GalacticaConfig.n_heads=32")]:
+        with pytest.raises(ConfigError, match=msg):
+            gp.validate(lay)
+    base = gp.Layout(model="1.3b", nodes=1, gpus_per_node=4)
+    assert [t for t in gp.SUGGEST_TP if gp._tp_fits(base, t)] == [1, 2, 4]
 
 
 def test_suggest_120b_on_128_nodes():
@@ -126,6 +146,7 @@ def test_cli_json_and_text():
     (["--zero", "4"], "argument --zero"),
     (["--zero", "2", "--offload", "param"], "--offload param"),
     (["--model", "120b", "--tp", "3"], "--tp 3"),
+    (["--model", "120b", "--nodes", "2", "--tp", "16"], "--tp 16"),
     (["--micro-batch", "0"], "--micro-batch"),
     (["--mfu", "1.5"], "--mfu"),
     (["--seq-len", "4096"], "--seq-len"),

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from test_prepare_helpers import REPO, make_cfg, run_cli, write_jsonl
+from helpers import REPO, make_cfg, run_cli, write_jsonl
 
 from pretrain.data import shards as shards_module
 from pretrain.data.clean import clean_text

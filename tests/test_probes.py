@@ -13,14 +13,14 @@ import torch
 from rdkit import Chem
 from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
-from test_prepare_helpers import REPO, make_cfg
+from helpers import REPO, make_cfg, write_run
 
 from model import GalacticaConfig, GalacticaLM, parallel
-from pretrain.config import ValidationConf
+from pretrain.config import ValidationConf, model_preset
 from pretrain.data.markup import Renderer
 from pretrain.data.pipeline import builtin_sample_files
-from pretrain.metrics import read_metrics
-from pretrain.probes import ChemistryProbes, formula_counts, formula_match, smiles_valid
+from pretrain.trainer.metrics import read_metrics
+from pretrain.evaluation.probes import ChemistryProbes, formula_counts, formula_match, smiles_valid
 from pretrain.tokenizer import GalacticaTokenizer
 
 
@@ -122,6 +122,7 @@ def test_prepare_writes_the_held_out_probe_records(shards):
         assert tok.encode(text)[:len(prompt_ids)] == prompt_ids  # the prompt is tokenized as in training
 
 
+@pytest.mark.trainer
 def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true"}
     proc = subprocess.run(
@@ -144,7 +145,7 @@ def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
 def test_probes_are_deterministic_and_batching_does_not_change_the_tokens(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     parallel.manual_seed(3)
-    model = GalacticaLM(GalacticaConfig.from_name("tiny-2l", vocab_size=manifest["vocab_size"])).train()
+    model = GalacticaLM(model_preset("tiny-2l", vocab_size=manifest["vocab_size"])).train()
     conf = ValidationConf(probes=True, probe_max_new_tokens=12, probe_smiles_samples=5,
                           probe_smiles_max_new_tokens=24, probe_batch_size=3)
     probes = ChemistryProbes(conf, shards, manifest, seed=11)
@@ -170,9 +171,8 @@ def test_probes_are_deterministic_and_batching_does_not_change_the_tokens(shards
 
 
 def test_report_shows_the_probes_of_each_epoch(tmp_path):
-    from test_report import write_run
-
     from pretrain.report import markdown, summarise
+
     rows = write_run(tmp_path, epochs=2, rounds_per_epoch=10)
     rounds = [r for r in rows if r.get("event") == "validation"]
     for k, r in enumerate(rounds):

@@ -5,50 +5,10 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
+from helpers import REPORT_EPOCH as EPOCH, held_out, write_run
 from pretrain.report import R_STAR_D, effective_tokens, main
-
-EPOCH = 4096 * 250  # training tokens per epoch (unique tokens)
-SEQ = 4096  # tokens per step
-
-
-def held_out(epoch: float) -> float:
-    """Falls in epoch 1; in epochs 2 and 3 a bump of 0.15 peaking at half the epoch, then a fall."""
-    base = 3.0 - 0.4 * min(epoch, 1.0) - 0.1 * max(epoch - 1, 0)
-    u = epoch % 1
-    return base + (0.15 * math.exp(-((u - 0.5) / 0.1) ** 2) if epoch > 1 and 0 < u < 1 else 0.0)
-
-
-def write_run(run_dir, epochs: int = 3, rounds_per_epoch: int = 30) -> list[dict]:
-    rng = np.random.default_rng(0)
-    rows = [{"event": "start", "step": 0, "tokens_seen": 0, "params": 1000}]
-    steps_per_epoch = EPOCH // SEQ
-    round_every = steps_per_epoch // rounds_per_epoch
-    for step in range(1, epochs * steps_per_epoch + 1):
-        tokens = step * SEQ
-        epoch = tokens / EPOCH
-        rows.append({"step": step, "tokens_seen": tokens, "epoch": epoch,
-                     "unique_tokens_seen": min(tokens, EPOCH), "repeat": float(math.floor(epoch - 1e-9)),
-                     "loss": 3.2 - 0.5 * min(epoch, 1) - 0.3 * max(epoch - 1, 0) + rng.normal(0, 0.05),
-                     "lr": 1e-3})
-        boundary = tokens % EPOCH == 0
-        if boundary:
-            rows.append({"event": "epoch_end", "step": step, "tokens_seen": tokens, "epoch": round(epoch),
-                         "loss": rows[-1]["loss"]})
-        if boundary or step % round_every == 0:
-            agg = held_out(epoch) + rng.normal(0, 0.005)
-            seen = 2.9 - 0.45 * epoch + rng.normal(0, 0.005)
-            losses = {"arxiv": agg + 0.1, "pubchem": agg - 0.2, "aggregate": agg, "seen": seen}
-            rows.append({"event": "validation", "step": step, "tokens_seen": tokens, "epoch": epoch,
-                         "repeat": math.floor(epoch), "reason": "epoch_boundary" if boundary else "interval",
-                         "losses": losses, "tokens": {"arxiv": 6000, "pubchem": 2000, "aggregate": 8000,
-                                                      "seen": 4000}})
-    rows.append({"event": "done", "step": epochs * steps_per_epoch, "tokens_seen": epochs * EPOCH,
-                 "epoch": float(epochs)})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def png_size(path) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_prepare_helpers import REPO, run_cli, subset
+from helpers import REPO, run_cli, subset
 
 from pretrain.data.config import SourceFormat
 from pretrain.data.markup import Renderer

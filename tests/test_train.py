@@ -9,71 +9,24 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from pretrain.data.shards import ShardWriter
-from pretrain.metrics import read_metrics
+from helpers import BIN, REPO, events, steps, synthetic_shards, train, train_command, train_env
 from pretrain.train import EXIT_LOSS_GUARD, EXIT_PREEMPTED
 
+pytestmark = pytest.mark.trainer
+
 SEQ = 32
-N_SAMPLES = 40
-# 4 samples (128 tokens) a step: 10 steps an epoch; the tiny-2l model; dropout on, to test RNG restore.
-COMMON = ["model=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
-          "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2"]
+N_SAMPLES = 40  # 4 samples (128 tokens) a step (helpers.TRAIN_COMMON): 10 steps an epoch
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", SEQ + 1, np.uint16, samples_per_shard=16)
-    for i in range(N_SAMPLES):
-        step = i % 5 + 1
-        toks = (rng.integers(4, 100) + np.arange(SEQ + 1) * step) % 250 + 4
-        if i == N_SAMPLES - 1:
-            toks[-5:] = 1  # the padded tail of the last sample
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
-                                         "pad_tokens": 5 if i == N_SAMPLES - 1 else 0})
-    w.close()
-    (root / "manifest.json").write_text(json.dumps({"vocab_size": 256, "pad_id": 1}))
-    return root
-
-
-def command(nproc: int, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
-    args = [f"data.path={shards}", f"run_dir={run_dir}", *COMMON, *overrides]
-    if nproc == 1:
-        return [sys.executable, "-m", "pretrain.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", "-m", "pretrain.train", *args]
-
-
-def env() -> dict:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):
-        e.pop(key, None)
-    return e
-
-
-def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
-    proc = subprocess.run(command(nproc, run_dir, shards, *overrides), capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env={**env(), **(extra_env or {})})
-    if proc.returncode != expect:
-        pytest.fail(f"exit {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def steps(run_dir: Path) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
-
-
-def events(run_dir: Path, name: str) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
+    """40 synthetic samples; the last one ends in 5 pad tokens."""
+    return synthetic_shards(tmp_path_factory.mktemp("shards"), SEQ, N_SAMPLES, samples_per_shard=16, pad_last=5)
 
 
 def kill_when(proc: subprocess.Popen, run_dir: Path, step: int, sig=signal.SIGKILL, timeout=300) -> None:
@@ -98,6 +51,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_bit_for_bit(layout, shards, tmp_path):
@@ -119,6 +73,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_bit_for_bit(layout,
     assert events(run, "start")[-1]["resumed"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(shards, tmp_path):
     run = tmp_path / "run"
@@ -137,8 +92,8 @@ def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(sha
 
 def test_sigusr1_checkpoints_and_exits_with_the_preemption_code(shards, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false"), cwd=REPO,
-                            env=env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(train_command(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false"), cwd=REPO,
+                            env=train_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     kill_when(proc, run, step=3, sig=signal.SIGUSR1)
     assert proc.returncode == EXIT_PREEMPTED
@@ -188,8 +143,8 @@ def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
-    out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(run_file)],
-                         capture_output=True, text=True, timeout=120, env=env())
+    out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120, env=train_env())
     assert out.returncode == 0, out.stderr
     records = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     history = [r["history"]["item"] for r in records if r["type"] == "history"]

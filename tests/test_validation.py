@@ -7,15 +7,18 @@ import sys
 
 import pytest
 
-from conftest import REPO
-from pretrain.metrics import read_metrics
+from helpers import BIN, REPO, torchrun
+from pretrain.trainer.metrics import read_metrics
+
+# every test needs the module's 3-epoch training run (gal-prepare, then gal-train)
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def three_epochs(tmp_path_factory):
     root = tmp_path_factory.mktemp("val")
     shards, run = root / "shards", root / "run"
-    env = {"OMP_NUM_THREADS": "2", "PATH": f"{REPO / '.venv' / 'bin'}:/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": "2", "PATH": f"{BIN}:/usr/bin:/bin"}
     prep = subprocess.run([sys.executable, "-m", "pretrain.prepare", "max_docs_per_file=120", "shards.seq_len=128",
                            "tokenizer.vocab_size=1000", f"output={shards}"], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=env)
@@ -73,12 +76,11 @@ def test_online_detection_events_and_the_report(three_epochs):
     assert "Muennighoff" in (run / "report" / "summary.md").read_text()
 
 
+@pytest.mark.multirank
 def test_a_checkpoint_validates_to_the_same_numbers_on_1_and_2_data_parallel_ranks(three_epochs, tmp_path):
     """validation.at_start on the finished run's checkpoint, with the chemistry probes on: the same losses
     (to fp32 rounding: 1 and 2 ranks group samples into different micro batches) and identical probe
     results on 1 and on 2 data-parallel ranks (2 ranks load it as a universal checkpoint)."""
-    from conftest import torchrun
-
     shards, run = three_epochs
     args = [f"data.path={shards}", f"resume={run / 'checkpoints'}", "model=tiny-2l",
             "trainer.global_batch_tokens=4096", "trainer.micro_batch_size=8", "trainer.max_epochs=3",

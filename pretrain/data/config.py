@@ -12,12 +12,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from pretrain.config import PAPER_VOCAB_SIZE, ConfigError  # noqa: F401 (the project's one error type)
+
 SAMPLE_VOCAB_SIZE = 8000  # the built-in sample corpus (~1M tokens) is too small for 50k merges
-PAPER_VOCAB_SIZE = 50000
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
 
 
 @dataclass

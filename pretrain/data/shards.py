@@ -45,6 +45,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def data_identity(data_path: str | Path, manifest: dict[str, Any]) -> str:
+    """What the training data *is*, not where it lies: a digest of the training shards' sha256s (their
+    index.json), the vocabulary and the tokenizer's hash. Moving or copying the shards keeps it."""
+    shards = json.loads((Path(data_path) / "train" / "index.json").read_text())["shards"]
+    ident = {"shards": [(s["samples"], s["sha256"]) for s in shards], "vocab_size": manifest.get("vocab_size"),
+             "pad_id": manifest.get("pad_id"), "tokenizer": manifest.get("tokenizer", {}).get("sha256")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class ShardWriter:
     """Writes samples of `sample_len` tokens into numbered shards, then the index (on close)."""
 

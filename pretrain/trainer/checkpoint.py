@@ -90,17 +90,18 @@ def gather_rng_states() -> list[dict]:
 
 
 # ---- save / load -------------------------------------------------------------------------------------
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int,
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, model_shape: dict,
          before_commit: Callable[[int], None] | None = None) -> str:
     """Save on all ranks; returns the tag. ``latest`` moves only after every rank has finished.
-    ``before_commit(step)`` runs on rank 0 between the shards and ``latest`` (the fault drills)."""
+    ``model_shape`` goes to the layout file, read before a resume loads anything; ``before_commit(step)``
+    runs on rank 0 between the shards and ``latest`` (the fault drills)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     client_state = {**client_state, "rng": gather_rng_states(), "world_size": dist.get_world_size()}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        (ckpt_dir / tag / META).write_text(json.dumps(layout(engine)))
+        (ckpt_dir / tag / META).write_text(json.dumps({**layout(engine), "model_shape": model_shape}))
         if before_commit is not None:
             before_commit(step)
         _fsync_tree(ckpt_dir / tag)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from launch.slurm import EXIT_PREEMPTED
+from pretrain.config import model_shape
 from pretrain.data.loader import epochs_completed
 from pretrain.trainer import checkpoint
 from pretrain.trainer.setup import Run, client_state
@@ -97,7 +98,7 @@ def validation_round(run: Run, reason: str) -> None:
 def save_checkpoint(run: Run) -> None:
     tag = checkpoint.save(run.engine, run.ckpt_dir, run.state.step,
                           client_state(run.loader, run.state, run.config_hash), run.cfg.checkpoint.keep_last,
-                          before_commit=run.drills.before_commit)
+                          model_shape=model_shape(run.model_cfg), before_commit=run.drills.before_commit)
     run.metrics.event("checkpoint", step=run.state.step, tokens_seen=run.state.tokens_seen, tag=tag)
 
 

@@ -21,9 +21,10 @@ from launch.env import DistEnv, check_topology
 from model import parallel
 from model.config import GalacticaConfig
 from model.transformer import GalacticaLM
-from pretrain.config import ConfigError, TrainConfig, config_hash, global_batch_samples, model_config, validate
+from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, config_hash, global_batch_samples, model_config,
+                             model_shape, validate)
 from pretrain.data.loader import EpochLoader
-from pretrain.data.shards import ShardReader, read_manifest
+from pretrain.data.shards import ShardReader, data_identity, read_manifest
 from pretrain.evaluation.validation import ValidationSchedule, Validator
 from pretrain.trainer import checkpoint, engine as ds_engine
 from pretrain.trainer.faults import Drills
@@ -61,9 +62,12 @@ class Data:
     train: ShardReader
 
 
-def check(cfg: TrainConfig, world_size: int) -> tuple[Data, GalacticaConfig, Shapes]:
-    """Read the shards' manifest and index and check the config against them and the world size:
+def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes]:
+    """Read the shards' manifest and index and check the config against them and the process layout:
     a bad config fails here, on every rank alike, before any rendezvous."""
+    world_size = env.world_size
+    check_topology(world_size, cfg.trainer.tensor_parallel, env.local_world_size,
+                   gpus=pick_device(cfg, env).type == "cuda")
     path = Path(cfg.data.path)
     manifest = read_manifest(path)
     train = ShardReader(path / "train")
@@ -79,19 +83,22 @@ def check(cfg: TrainConfig, world_size: int) -> tuple[Data, GalacticaConfig, Sha
     return Data(path, manifest, train), model_cfg, shapes
 
 
+def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    want = cfg.trainer.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
 def init_distributed(cfg: TrainConfig, env: DistEnv) -> torch.device:
     """Join the process group (gloo on the CPU, NCCL on GPUs) with megatron's TP/DP groups."""
     if env.source != "single":
         env.export()
     else:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists; a single process needs no rendezvous
-    want = cfg.trainer.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    check_topology(env.world_size, cfg.trainer.tensor_parallel, env.local_world_size, gpus=device.type == "cuda")
+    device = pick_device(cfg, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     parallel.init_distributed(cfg.trainer.tensor_parallel, backend="nccl" if device.type == "cuda" else "gloo")
     return device
 
@@ -132,19 +139,27 @@ def restore(engine, loader: EpochLoader, start: tuple[Path, str], universal: boo
     loader.load_state_dict(client["loader"])
     refresh_lr(engine)
     if client.get("config_hash") != cfg_hash and dist.get_rank() == 0:
-        print(f"warning: resuming {start[0] / start[1]} with a changed model/data/optim config", file=sys.stderr)
+        print(f"warning: resuming {start[0] / start[1]} with changed training data or settings "
+              f"({', '.join(HASHED_KEYS)}, or the shards' content)", file=sys.stderr)
     return TrainState(**client["train_state"])
 
 
-def saved_layout(cfg: TrainConfig, start: tuple[Path, str] | None) -> bool:
+def saved_layout(cfg: TrainConfig, model_cfg: GalacticaConfig, start: tuple[Path, str] | None) -> bool:
     """Whether the checkpoint to resume needs DeepSpeed's universal format (another data-parallel
-    size); another tensor-parallel size is an error."""
+    size); another tensor-parallel size or model shape is an error, before anything loads."""
     if start is None:
         return False
+    where = start[0] / start[1]
     saved = checkpoint.read_layout(*start)
     if saved["tp_size"] != cfg.trainer.tensor_parallel:
-        raise ConfigError(f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, but {start[0] / start[1]} was "
+        raise ConfigError(f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, but {where} was "
                           f"saved with tensor parallelism {saved['tp_size']}: resume with the same TP size")
+    changed = {k: (v, getattr(model_cfg, k)) for k, v in saved.get("model_shape", {}).items()
+               if v != getattr(model_cfg, k)}
+    if changed:
+        keys = ", ".join(f"model.{k}={new} (saved: {old})" for k, (old, new) in changed.items())
+        raise ConfigError(f"{keys}: {where} holds a model of another shape; resume with its shape, "
+                          "or start a new run (another run_dir, or resume=none)")
     return saved["dp_size"] != parallel.dp_size()
 
 
@@ -153,6 +168,7 @@ class Run:
     """A training run ready for its first (or next) step: what :func:`pretrain.trainer.loop.fit` uses."""
 
     cfg: TrainConfig
+    model_cfg: GalacticaConfig
     run_dir: Path
     device: torch.device
     shapes: Shapes
@@ -178,17 +194,17 @@ class Run:
 
 def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     """Check, join, build, restore, and open the run directory's records (config, metrics, wandb)."""
-    data, model_cfg, shapes = check(cfg, env.world_size)
+    data, model_cfg, shapes = check(cfg, env)
     drills = Drills.from_config(cfg.trainer.inject_nan_at_steps)
     device = init_distributed(cfg, env)
     run_dir.mkdir(parents=True, exist_ok=True)
     start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
-    universal = saved_layout(cfg, start)
+    universal = saved_layout(cfg, model_cfg, start)
     engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
     loader = EpochLoader(data.train, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
                          dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
                          pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
-    cfg_hash = config_hash(cfg)
+    cfg_hash = config_hash(cfg, data_identity(data.path, data.manifest))
     state = restore(engine, loader, start, universal, cfg_hash) if start else TrainState()
     is_main = dist.get_rank() == 0
     if is_main:
@@ -204,7 +220,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                   seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
                   train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
                   drills=drills.active)
-    return Run(cfg=cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
+    return Run(cfg=cfg, model_cfg=model_cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
                validator=Validator(cfg.validation, data.path, data.manifest, data.train, seed=cfg.data.seed),
                schedule=ValidationSchedule(cfg.validation, shapes.tokens_per_epoch), state=state,
                guard=LossGuard(cfg.trainer, state), preemption=Preemption(), drills=drills, metrics=metrics,

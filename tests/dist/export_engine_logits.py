@@ -21,7 +21,7 @@ def main(run_dir: str, inputs_path: str, result_path: str) -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
     typed: TrainConfig = OmegaConf.to_object(cfg)
     env = detect()
-    _, model_cfg, shapes = setup.check(typed, env.world_size)
+    _, model_cfg, shapes = setup.check(typed, env)
     device = setup.init_distributed(typed, env)
     engine, _ = setup.build_engine(typed, model_cfg, shapes, device)
     checkpoint.load(engine, run_dir / "checkpoints")

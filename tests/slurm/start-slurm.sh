@@ -6,7 +6,7 @@
 #   CPUS          CPUs declared per node             (default 2; may exceed the real core count)
 # Afterwards:  export SLURM_CONF=$SLURM_CI_DIR/etc/slurm.conf ; PATH=$SLURM_CI_DIR/bin:$PATH
 # Stop with:   bash stop-slurm.sh
-# The test suite's fixture (tests/slurm/conftest.py) runs this when no cluster answers at SLURM_CI_DIR.
+# The test suite's fixture (slurm_cluster, tests/conftest.py) runs this when no cluster answers at SLURM_CI_DIR.
 set -euo pipefail
 D=${SLURM_CI_DIR:-/tmp/slurm-ci}
 NODES=${NODES:-2}

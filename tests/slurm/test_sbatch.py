@@ -1,4 +1,4 @@
-"""slurm/pretrain.sbatch on a real local Slurm cluster (tests/slurm/conftest.py): data parallelism
+"""slurm/pretrain.sbatch on a real local Slurm cluster (the slurm_cluster fixture): data parallelism
 over gloo across two nodes, and preemption → checkpoint → exit 75 → requeue → exact resume."""
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import synthetic_shards
-from pretrain.metrics import read_metrics
-
-from .conftest import REPO
+from helpers import REPO, synthetic_shards
+from pretrain.trainer.metrics import read_metrics
 
 pytestmark = pytest.mark.slurm
 
@@ -68,6 +66,9 @@ def test_cluster_runs_a_two_node_step_with_the_repo_python(slurm_cluster, tmp_pa
     assert sorted(out.read_text().splitlines()) == [f"node1 {python}", f"node2 {python}"]
 
 
+@pytest.mark.trainer
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_two_nodes_train_data_parallel_over_gloo(straight):
     job, run_dir = straight
     log = Path(f"{run_dir}.out").read_text()
@@ -85,6 +86,9 @@ def test_two_nodes_train_data_parallel_over_gloo(straight):
     assert (run_dir / "checkpoints" / f"step{STEPS:08d}").is_dir()
 
 
+@pytest.mark.trainer
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm_cluster, shards, straight, tmp_path):
     run_dir = tmp_path / "run"
     # every rank waits after step 3 until the signal arrives (pretrain/train.py Preemption.wait_at), so the

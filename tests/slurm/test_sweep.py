@@ -9,19 +9,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import synthetic_shards
-from pretrain.metrics import read_metrics
+from helpers import BIN, REPO, synthetic_shards
+from pretrain.trainer.metrics import read_metrics
 
-pytestmark = pytest.mark.slurm
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SEQ, STEPS = 32, 24  # 8 steps an epoch
 LRS = (1e-3, 2e-3)
 
@@ -51,6 +46,10 @@ def wandb_run_record(run: Path) -> dict:
     return next(r["run"] for r in records if r["type"] == "run")
 
 
+@pytest.mark.slurm
+@pytest.mark.trainer
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_lr_sweep_two_data_parallel_points_on_slurm(slurm_cluster, shards, tmp_path):
     sweep = tmp_path / "lr_sweep"
     cmd = [str(BIN / "gal-train"), "-m", "hydra/launcher=slurm",
@@ -116,6 +115,7 @@ def test_lr_sweep_two_data_parallel_points_on_slurm(slurm_cluster, shards, tmp_p
     assert rows(runs[0])[-1]["loss"] != rows(runs[1])[-1]["loss"]
 
 
+@pytest.mark.slurm
 def test_launcher_setup_finds_the_first_nodes_address(slurm_cluster, tmp_path):
     """The MASTER_ADDR line of conf/hydra/launcher/slurm.yaml, run in a real 2-node batch script: the first
     node's NodeAddr (node1 does not resolve in DNS here; Slurm reaches it at 127.0.0.1)."""
@@ -130,6 +130,9 @@ def test_launcher_setup_finds_the_first_nodes_address(slurm_cluster, tmp_path):
     assert "master=127.0.0.1" in out.read_text()
 
 
+@pytest.mark.trainer
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_local_launcher_sweep(shards, tmp_path):
     """hydra/launcher=local: the points run as submitit jobs on this machine, each in its own directory,
     each a 2-rank data-parallel run (launch/env.py reads submitit's local task variables)."""

@@ -1,0 +1,305 @@
+"""Shared test helpers: plain functions and constants, no fixtures (those live in tests/conftest.py).
+
+Test modules import from here (``from helpers import ...``; pyproject's ``pythonpath = ["tests"]``), never
+from one another or from a conftest. Sections: paths and processes; synthetic shards; the trainer in a
+subprocess; gal-prepare; a synthetic gal-report run; the local Slurm cluster.
+
+Heavy or moving project modules (Hydra, pretrain.prepare, pretrain.trainer) are imported inside the
+functions that need them, so that importing this module (every conftest load) stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = REPO.parent / "shared" / "corpus"
+BIN = Path(sys.executable).parent  # this interpreter's bin/: the console scripts (gal-train, wandb, ...) of its env
+
+
+# ----------------------------------------------------------------------------- paths and processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, env: dict | None = None):
+    """Run `script` under torchrun with `nproc` CPU processes (gloo); fail the test with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env, cwd=REPO)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+# ----------------------------------------------------------------------------- synthetic shards
+def synthetic_shards(root: Path, seq_len: int, n_samples: int, samples_per_shard: int = 16, vocab: int = 256,
+                     pad_last: int = 0, manifest: dict | None = None) -> Path:
+    """``n_samples`` learnable token ramps (ids 4..253) in real shards (the real ShardWriter) under
+    ``root/train``, and ``root/manifest.json``: enough for the trainer when no tokenizer is needed.
+
+    ``pad_last``: that many pad tokens (id 1) at the tail of the last sample, counted in its metadata.
+    ``manifest``: more manifest keys (e.g. a tokenizer), over ``{"vocab_size": vocab, "pad_id": 1}``."""
+    from pretrain.data.shards import ShardWriter
+
+    rng = np.random.default_rng(0)
+    w = ShardWriter(root / "train", seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
+    for i in range(n_samples):
+        toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
+        pad = pad_last if i == n_samples - 1 else 0
+        if pad:
+            toks[-pad:] = 1
+        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
+                                         "pad_tokens": pad})
+    w.close()
+    (root / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "pad_id": 1, **(manifest or {})}))
+    return root
+
+
+# ----------------------------------------------------------------------------- the trainer in a subprocess
+# 4 samples of 32 tokens (128 tokens) a step; the tiny-2l model; dropout on, to test RNG restore.
+TRAIN_COMMON = ["model=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
+                "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2"]
+
+
+def train_command(nproc: int, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    """`python -m pretrain.train` (1 process) or under torchrun, with TRAIN_COMMON and ``overrides``."""
+    args = [f"data.path={shards}", f"run_dir={run_dir}", *TRAIN_COMMON, *overrides]
+    if nproc == 1:
+        return [sys.executable, "-m", "pretrain.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "-m", "pretrain.train", *args]
+
+
+def train_env() -> dict:
+    """The trainer's environment: one thread per rank, the repo importable, wandb offline and silent."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        e.pop(key, None)
+    return e
+
+
+def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
+    """Run the trainer to its end; fail the test with its output unless it exits with ``expect``."""
+    proc = subprocess.run(train_command(nproc, run_dir, shards, *overrides), capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**train_env(), **(extra_env or {})})
+    if proc.returncode != expect:
+        pytest.fail(f"exit {proc.returncode}, expected {expect}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def steps(run_dir: Path) -> list[dict]:
+    """The step rows of ``run_dir/metrics.jsonl``."""
+    from pretrain.trainer.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    """The ``name`` event rows of ``run_dir/metrics.jsonl``."""
+    from pretrain.trainer.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
+
+
+# ----------------------------------------------------------------------------- gal-prepare
+def make_cfg(*overrides: str):
+    """conf/prepare.yaml with command-line style overrides, as gal-prepare would see it (a PrepareConf)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import pretrain.prepare  # noqa: F401  (registers the config schema)
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("prepare", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """The real gal-prepare (``python -m pretrain.prepare``) in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.prepare", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gal-prepare {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def subset(src: Path, dst: Path, lines: int) -> Path:
+    """The first `lines` lines of a JSONL file."""
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        for _, line in zip(range(lines), f):
+            out.write(line)
+    return dst
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """Records (dicts as JSON lines; bytes verbatim) to ``path``."""
+    with open(path, "wb") as f:
+        for r in records:
+            f.write(r if isinstance(r, bytes) else json.dumps(r).encode() + b"\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- a synthetic gal-report run
+REPORT_EPOCH = 4096 * 250  # training tokens per epoch (unique tokens) of write_run's run
+REPORT_SEQ = 4096  # tokens per step
+
+
+def held_out(epoch: float) -> float:
+    """write_run's held-out curve: falls in epoch 1; in epochs 2 and 3 a bump of 0.15 peaking at half the
+    epoch, then a fall."""
+    base = 3.0 - 0.4 * min(epoch, 1.0) - 0.1 * max(epoch - 1, 0)
+    u = epoch % 1
+    return base + (0.15 * math.exp(-((u - 0.5) / 0.1) ** 2) if epoch > 1 and 0 < u < 1 else 0.0)
+
+
+def write_run(run_dir, epochs: int = 3, rounds_per_epoch: int = 30) -> list[dict]:
+    """A synthetic ``epochs``-epoch metrics.jsonl in the training loop's row format; its rows."""
+    rng = np.random.default_rng(0)
+    rows = [{"event": "start", "step": 0, "tokens_seen": 0, "params": 1000}]
+    steps_per_epoch = REPORT_EPOCH // REPORT_SEQ
+    round_every = steps_per_epoch // rounds_per_epoch
+    for step in range(1, epochs * steps_per_epoch + 1):
+        tokens = step * REPORT_SEQ
+        epoch = tokens / REPORT_EPOCH
+        rows.append({"step": step, "tokens_seen": tokens, "epoch": epoch,
+                     "unique_tokens_seen": min(tokens, REPORT_EPOCH), "repeat": float(math.floor(epoch - 1e-9)),
+                     "loss": 3.2 - 0.5 * min(epoch, 1) - 0.3 * max(epoch - 1, 0) + rng.normal(0, 0.05),
+                     "lr": 1e-3})
+        boundary = tokens % REPORT_EPOCH == 0
+        if boundary:
+            rows.append({"event": "epoch_end", "step": step, "tokens_seen": tokens, "epoch": round(epoch),
+                         "loss": rows[-1]["loss"]})
+        if boundary or step % round_every == 0:
+            agg = held_out(epoch) + rng.normal(0, 0.005)
+            seen = 2.9 - 0.45 * epoch + rng.normal(0, 0.005)
+            losses = {"arxiv": agg + 0.1, "pubchem": agg - 0.2, "aggregate": agg, "seen": seen}
+            rows.append({"event": "validation", "step": step, "tokens_seen": tokens, "epoch": epoch,
+                         "repeat": math.floor(epoch), "reason": "epoch_boundary" if boundary else "interval",
+                         "losses": losses, "tokens": {"arxiv": 6000, "pubchem": 2000, "aggregate": 8000,
+                                                      "seen": 4000}})
+    rows.append({"event": "done", "step": epochs * steps_per_epoch, "tokens_seen": epochs * REPORT_EPOCH,
+                 "epoch": float(epochs)})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------- the local Slurm cluster
+# A real Slurm cluster for the tests: a controller and two emulated nodes (node1, node2) on 127.0.0.1.
+# The session fixture ``slurm_cluster`` (tests/conftest.py) reuses a cluster that already answers at
+# ``$SLURM_CI_DIR`` (default /tmp/slurm-ci) and leaves it running; otherwise it starts one with
+# tests/slurm/start-slurm.sh (root and Debian's slurmctld/slurmd/slurm-client/munge packages; skipped with
+# the reason when they cannot be had) and stops exactly that one at the end with tests/slurm/stop-slurm.sh.
+#
+#     @pytest.mark.slurm
+#     def test_x(slurm_cluster):
+#         job = slurm_cluster.sbatch_wait("--nodes=2", "--wrap=srun hostname")
+#         assert job.state == "COMPLETED" and job.exit_code == 0
+#
+# Jobs inherit ``slurm_cluster.env`` (sbatch's default --export=ALL): SLURM_CONF, and a PATH with the
+# cluster's ``bin/`` (the ``sacct`` stand-in) and this interpreter's bin directory (BIN) first.
+SLURM_SCRIPTS = REPO / "tests" / "slurm"  # start-slurm.sh, stop-slurm.sh, sbatch_wait.sh
+SLURM_NODES = ("node1", "node2")
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# sbatch_wait.sh's "not finished yet" states; REQUEUED/PENDING after a requeue are waited through
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+          "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", ""}
+
+
+@dataclass
+class Job:
+    id: str
+    state: str  # JobState: COMPLETED, FAILED, CANCELLED, TIMEOUT, ...
+    exit_code: int  # the batch script's exit status
+    signal: int  # the signal that ended it, 0 if none
+    fields: dict = field(repr=False)  # everything `scontrol show job -o` said, last poll
+
+
+@dataclass
+class SlurmCluster:
+    dir: Path
+    env: dict  # for clients and jobs: SLURM_CONF, PATH (cluster bin/, then BIN, first)
+    nodes: tuple[str, ...] = SLURM_NODES
+    started_here: bool = False
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None):
+        """Run a Slurm client (sbatch, scontrol, ...) with the cluster's environment."""
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})},
+                              cwd=REPO)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def sbatch(self, *args: str, env: dict | None = None) -> str:
+        """Submit; the job id. Runs in the repo root (the job's working directory)."""
+        out = self.run("sbatch", "--parsable", *args, env=env).stdout.strip()
+        return out.split(";")[0]
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job -o ID` as a dict ({} once the controller forgot it)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", out.splitlines()[0])) if out.strip() else {}
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id).get("JobState", "")
+
+    def wait(self, job_id: str, timeout: float = 300, poll_s: float = 0.2, skip_requeue_delay: bool = True) -> Job:
+        """Poll every 0.2 s until the job ended (through requeues); as sbatch_wait.sh, but returns a Job.
+
+        A requeued job may not start before ``cred_expire`` seconds (120 by default; the clusters
+        start-slurm.sh makes use 10): with ``skip_requeue_delay`` its BeginTime is set to now."""
+        deadline = time.monotonic() + timeout
+        while True:
+            fields = self.job(job_id)
+            st = fields.get("JobState", "")
+            if st not in ACTIVE:
+                code, sig = (fields.get("ExitCode", "0:0").split(":") + ["0"])[:2]
+                return Job(job_id, st, int(code), int(sig), fields)
+            if skip_requeue_delay and st == "PENDING" and fields.get("Reason") == "BeginTime":
+                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            if time.monotonic() > deadline:
+                self.run("scancel", job_id, check=False)
+                raise TimeoutError(f"Slurm job {job_id} still {st} after {timeout:.0f} s: {fields}")
+            time.sleep(poll_s)
+
+    def sbatch_wait(self, *args: str, timeout: float = 300, env: dict | None = None) -> Job:
+        return self.wait(self.sbatch(*args, env=env), timeout=timeout)
+
+
+def slurm_cluster_env(d: Path) -> dict:
+    """The environment of a cluster's clients and jobs: SLURM_CONF, PATH with its bin/ and BIN first."""
+    env = dict(os.environ)
+    env["SLURM_CONF"] = str(d / "etc" / "slurm.conf")
+    env["PATH"] = os.pathsep.join([str(d / "bin"), str(BIN), env.get("PATH", "")])
+    # pytest itself might run inside a Slurm job or torchrun: don't leak their variables into the jobs
+    for key in [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"] + list(TORCHRUN_VARS):
+        env.pop(key, None)
+    return env
+
+
+def slurm_cluster_answers(env: dict) -> bool:
+    """Whether a cluster with both nodes answers `sinfo` in this environment."""
+    if not Path(env["SLURM_CONF"]).exists() or not shutil.which("sinfo", path=env["PATH"]):
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15,
+                             env=env).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return all(n in out for n in SLURM_NODES)
