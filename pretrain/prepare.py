@@ -8,22 +8,18 @@ Keys: conf/prepare.yaml and pretrain/data/config.py. The pipeline: pretrain/data
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.data.config import ConfigError, register
+from pretrain.config import CONF_DIR, ConfigError
+from pretrain.data.config import register
 from pretrain.data.read import BadInput
 
 register()
-# "../conf" as an absolute path: Hydra resolves a relative config_path against the *module* when the
-# app runs as a console script (it would look for a Python package named `conf`), against the file
-# only under `python -m`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="prepare", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from rich.console import Console
 

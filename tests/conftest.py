@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from helpers import SHARED_CORPUS, SLURM_NODES, SLURM_SCRIPTS, SlurmCluster, slurm_cluster_answers, slurm_cluster_env
-from helpers import REPO  # noqa: F401  transitional: test_plan.py and test_slurm_examples.py still import it from here
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects

@@ -5,7 +5,8 @@
     tok.export_hf("hf_tokenizer/")   # AutoTokenizer folder; span text needs escape_spans(text) first
 """
 from .escape import SPLIT_MARKER, escape_spans
-from .tokenizer import CONTROL_TOKENS, GALACTICA_TOKENS, SPECIAL_TOKENS, GalacticaTokenizer
+from .tokenizer import GalacticaTokenizer
+from .vocab import CONTROL_TOKENS, GALACTICA_TOKENS, SPECIAL_TOKENS
 
 __all__ = ["GalacticaTokenizer", "SPECIAL_TOKENS", "CONTROL_TOKENS", "GALACTICA_TOKENS",
            "SPLIT_MARKER", "escape_spans"]

@@ -24,7 +24,7 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from . import escape
-from .tokenizer import CONTROL_TOKENS, GALACTICA_TOKENS, MODEL_FILE, SPACE
+from .vocab import CONTROL_TOKENS, GALACTICA_TOKENS, MODEL_FILE, SPACE
 
 _README = """# Galactica tokenizer (Hugging Face export)
 

@@ -26,17 +26,8 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from .escape import SPAN_RE
+from .vocab import GALACTICA_TOKENS, MODEL_FILE, SPACE, SPECIAL_TOKENS
 
-CONTROL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
-GALACTICA_TOKENS = [
-    "[START_REF]", "[END_REF]", "<work>", "</work>",
-    "[START_SMILES]", "[END_SMILES]", "[START_I_SMILES]", "[END_I_SMILES]",
-    "[START_AMINO]", "[END_AMINO]", "[START_DNA]", "[END_DNA]",
-    "[START_SUP]", "[END_SUP]", "[START_SUB]", "[END_SUB]",
-]
-SPECIAL_TOKENS = CONTROL_TOKENS + GALACTICA_TOKENS  # index == token id
-MODEL_FILE = "tokenizer.model"
-SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in text is byte-encoded
 # One pass finds everything that is not plain prose: a span (group 1: its kind, group 2: content),
 # a Galactica marker, or a literal U+2581.
 _MARKUP_RE = re.compile(

@@ -11,4 +11,4 @@
 # Arguments are Hydra overrides (after these, so they win); sbatch reads SBATCH_* variables.
 set -euo pipefail
 exec sbatch --nodes=4 --job-name=gal-1.3b "$(dirname "$0")/../pretrain.sbatch" \
-    model=1.3b trainer.tensor_parallel=1 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=983040 "$@"
+    model=1.3b validation=science trainer.tensor_parallel=1 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=983040 "$@"

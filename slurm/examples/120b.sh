@@ -11,4 +11,4 @@
 # Arguments are Hydra overrides (after these, so they win); sbatch reads SBATCH_* variables.
 set -euo pipefail
 exec sbatch --nodes=128 --job-name=gal-120b "$(dirname "$0")/../pretrain.sbatch" \
-    model=120b trainer.tensor_parallel=8 trainer.micro_batch_size=2 deepspeed=zero1 model.activation_checkpointing=true trainer.global_batch_tokens=2097152 "$@"
+    model=120b validation=science trainer.tensor_parallel=8 trainer.micro_batch_size=2 deepspeed=zero1 model.activation_checkpointing=true trainer.global_batch_tokens=2097152 "$@"

@@ -11,4 +11,4 @@
 # Arguments are Hydra overrides (after these, so they win); sbatch reads SBATCH_* variables.
 set -euo pipefail
 exec sbatch --nodes=1 --job-name=gal-125m "$(dirname "$0")/../pretrain.sbatch" \
-    model=125m trainer.tensor_parallel=1 trainer.micro_batch_size=2 deepspeed=zero1 trainer.global_batch_tokens=491520 "$@"
+    model=125m validation=science trainer.tensor_parallel=1 trainer.micro_batch_size=2 deepspeed=zero1 trainer.global_batch_tokens=491520 "$@"

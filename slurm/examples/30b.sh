@@ -11,4 +11,4 @@
 # Arguments are Hydra overrides (after these, so they win); sbatch reads SBATCH_* variables.
 set -euo pipefail
 exec sbatch --nodes=32 --job-name=gal-30b "$(dirname "$0")/../pretrain.sbatch" \
-    model=30b trainer.tensor_parallel=4 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=1966080 "$@"
+    model=30b validation=science trainer.tensor_parallel=4 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=1966080 "$@"

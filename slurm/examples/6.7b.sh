@@ -11,4 +11,4 @@
 # Arguments are Hydra overrides (after these, so they win); sbatch reads SBATCH_* variables.
 set -euo pipefail
 exec sbatch --nodes=16 --job-name=gal-6.7b "$(dirname "$0")/../pretrain.sbatch" \
-    model=6.7b trainer.tensor_parallel=2 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=1966080 "$@"
+    model=6.7b validation=science trainer.tensor_parallel=2 trainer.micro_batch_size=1 deepspeed=zero1 trainer.global_batch_tokens=1966080 "$@"

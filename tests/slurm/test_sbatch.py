@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "slurm" / "pretrain.sbatch"
 SEQ, N_SAMPLES = 128, 64
-PAUSE = 3  # the preempted run stops after this step
+PAUSE = 3  # the ranks wait after this step for the signal; the run stops after the next one
 STEPS = 40  # 4 samples (512 tokens) a step, 16 steps an epoch; dropout on, to test RNG restore
 OVERRIDES = ["model=tiny-2l", "trainer.global_batch_tokens=512", f"trainer.max_tokens={512 * STEPS}",
              "optim.warmup_tokens=2048", "model.dropout=0.1", "model.attention_dropout=0.1",
@@ -91,7 +91,7 @@ def test_two_nodes_train_data_parallel_over_gloo(straight):
 @pytest.mark.slow
 def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm_cluster, shards, straight, tmp_path):
     run_dir = tmp_path / "run"
-    # every rank waits after step 3 until the signal arrives (pretrain/train.py Preemption.wait_at), so the
+    # every rank waits after step 3 until the signal arrives (GAL_FAULT_PAUSE, pretrain/trainer/faults.py), so the
     # stop step is known however fast or loaded the machine is
     job_id = submit(slurm_cluster, run_dir, shards, GAL_FAULT_PAUSE=f"step:{PAUSE}")
     deadline = time.monotonic() + 600
@@ -110,7 +110,7 @@ def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm_cluste
     assert len(re.findall(r"task \d: Exited with exit code 75", log)) == 2  # both ranks, through srun
     assert f"requeueing job {job_id}" in log and "restart 1:" in log
     stop = events(run_dir, "preempted")[0]["step"]
-    assert stop == PAUSE
+    assert stop == PAUSE + 1  # the flag travels with the next step's loss all-reduce
     assert [e["tag"] for e in events(run_dir, "checkpoint")] == [f"step{stop:08d}", f"step{STEPS:08d}"]
     assert [(e["step"], e["resumed"], e["world_size"]) for e in events(run_dir, "start")] == \
         [(0, False, 2), (stop, True, 2)]

@@ -56,7 +56,7 @@ def test_lr_sweep_two_data_parallel_points_on_slurm(slurm_cluster, shards, tmp_p
            # 2 nodes × 1 task: each point is a 2-rank data-parallel run across node1 and node2
            "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=null",
            "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=5", "hydra.launcher.signal_delay_s=30",
-           # point 0's ranks wait after step 2 for the signal (pretrain/train.py Preemption.wait_at), so the
+           # point 0's ranks wait after step 2 for the signal (GAL_FAULT_PAUSE, pretrain/trainer/faults.py), so the
            # preemption lands mid-run however fast the machine is; the nodes' address is 127.0.0.1 (the
            # configured NodeAddr lookup is checked in test_launcher_setup_finds_the_first_nodes_address)
            "hydra.launcher.setup=['export MASTER_ADDR=127.0.0.1',"
@@ -108,7 +108,7 @@ def test_lr_sweep_two_data_parallel_points_on_slurm(slurm_cluster, shards, tmp_p
     # point 0 was preempted once: it checkpointed, was requeued and resumed from that step
     (preempted,) = rows(runs[0], "preempted")
     assert [s["resumed"] for s in rows(runs[0], "start")] == [False, True]
-    assert rows(runs[0], "start")[1]["step"] == preempted["step"] == 2
+    assert rows(runs[0], "start")[1]["step"] == preempted["step"] == 3  # paused after 2, stopped after the next
     assert not rows(runs[1], "preempted") and len(rows(runs[1], "start")) == 1
     # the same schedule at twice the peak
     assert lr_rows[1] == pytest.approx([2 * x for x in lr_rows[0]], rel=1e-6)
