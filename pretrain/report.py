@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.analysis import doubledescent
-from pretrain.trainer.metrics import read_metrics
+from pretrain.analysis.records import read_metrics
 
 R_STAR_D = 15.4  # Muennighoff et al. 2023, fitted R*_D
 EFFECTIVE_DATA_FORMULA = "D' = U_D + U_D * R*_D * (1 - exp(-R_D / R*_D)), R*_D = 15.4 (Muennighoff et al. 2023)"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from helpers import SHARED_CORPUS, SLURM_NODES, SLURM_SCRIPTS, SlurmCluster, slurm_cluster_answers, slurm_cluster_env
 
 
@@ -18,6 +19,12 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slurm") is None:
             item.add_marker(pytest.mark.slurm)
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item):
+    """helpers.train() and helpers.torchrun() check the running test's marks (helpers.require_marks)."""
+    helpers.current_marks = {m.name for m in item.iter_markers()}
 
 
 @pytest.fixture(scope="session")

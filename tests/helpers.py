@@ -28,6 +28,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = REPO.parent / "shared" / "corpus"
 BIN = Path(sys.executable).parent  # this interpreter's bin/: the console scripts (gal-train, wandb, ...) of its env
 
+# The marks of the test being set up or run (tests/conftest.py sets them; None outside pytest). train() and
+# torchrun() check them, so that a test which starts the trainer or several ranks says so and
+# `make test-fast` (-m "not slow and not multirank and not slurm and not trainer") stays the unit tier.
+current_marks: set[str] | None = None
+
+
+def require_marks(what: str, *names: str) -> None:
+    """Fail the current test unless it carries every mark in ``names`` (pyproject.toml's markers)."""
+    missing = [n for n in names if current_marks is not None and n not in current_marks]
+    if missing:
+        pytest.fail(f"{what}: mark the test (or its module) {', '.join('@pytest.mark.' + n for n in missing)}")
+
 
 # ----------------------------------------------------------------------------- paths and processes
 def free_port() -> int:
@@ -38,6 +50,8 @@ def free_port() -> int:
 
 def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, env: dict | None = None):
     """Run `script` under torchrun with `nproc` CPU processes (gloo); fail the test with its output."""
+    if nproc > 1:
+        require_marks(f"torchrun with {nproc} processes", "multirank")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script), *args]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
@@ -96,6 +110,7 @@ def train_env() -> dict:
 
 def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
     """Run the trainer to its end; fail the test with its output unless it exits with ``expect``."""
+    require_marks("the trainer", "trainer", *(["multirank"] if nproc > 1 else []))
     proc = subprocess.run(train_command(nproc, run_dir, shards, *overrides), capture_output=True, text=True,
                           timeout=600, cwd=REPO, env={**train_env(), **(extra_env or {})})
     if proc.returncode != expect:
@@ -105,14 +120,14 @@ def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
 
 def steps(run_dir: Path) -> list[dict]:
     """The step rows of ``run_dir/metrics.jsonl``."""
-    from pretrain.trainer.metrics import read_metrics
+    from pretrain.analysis.records import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "event" not in r]
 
 
 def events(run_dir: Path, name: str) -> list[dict]:
     """The ``name`` event rows of ``run_dir/metrics.jsonl``."""
-    from pretrain.trainer.metrics import read_metrics
+    from pretrain.analysis.records import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
 

@@ -46,7 +46,6 @@ def test_param_counts_agree_with_the_model():
     """The analytic count is GalacticaLM.num_parameters (built on the meta device) and its FLOPs."""
     import torch
 
-    from model.config import GalacticaConfig
     from model.transformer import GalacticaLM
     for size in ("tiny", "125m", "1.3b"):
         cfg = model_preset(size)

@@ -15,11 +15,11 @@ from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
 from helpers import REPO, make_cfg, write_run
 
-from model import GalacticaConfig, GalacticaLM, parallel
+from model import GalacticaLM, parallel
 from pretrain.config import ValidationConf, model_preset
 from pretrain.data.markup import Renderer
 from pretrain.data.pipeline import builtin_sample_files
-from pretrain.trainer.metrics import read_metrics
+from pretrain.analysis.records import read_metrics
 from pretrain.evaluation.probes import ChemistryProbes, formula_counts, formula_match, smiles_valid
 from pretrain.tokenizer import GalacticaTokenizer
 
@@ -94,6 +94,8 @@ def test_molecules_template_renders_the_rdkit_formula():
 
 
 # ----------------------------------------------------------------------------- prepare, train, decode
+# The tests below share gal-prepare of the whole built-in sample (~13 s on 2 cores); with decoding they
+# take ~30 s, so they are `slow` (out of `make test-fast`).
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("probes") / "shards"
@@ -104,6 +106,7 @@ def shards(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_prepare_writes_the_held_out_probe_records(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     mol = manifest["sources"]["molecules"]
@@ -122,6 +125,7 @@ def test_prepare_writes_the_held_out_probe_records(shards):
         assert tok.encode(text)[:len(prompt_ids)] == prompt_ids  # the prompt is tokenized as in training
 
 
+@pytest.mark.slow
 @pytest.mark.trainer
 def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true"}
@@ -142,6 +146,7 @@ def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
         assert p["formula_molecules"] == records and p["smiles_samples"] == 5
 
 
+@pytest.mark.slow
 def test_probes_are_deterministic_and_batching_does_not_change_the_tokens(shards):
     manifest = json.loads((shards / "manifest.json").read_text())
     parallel.manual_seed(3)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import BIN, REPO, torchrun
-from pretrain.trainer.metrics import read_metrics
+from pretrain.analysis.records import read_metrics
 
 # every test needs the module's 3-epoch training run (gal-prepare, then gal-train)
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]

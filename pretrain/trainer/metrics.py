@@ -20,22 +20,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from model import parallel
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if n == len(path.read_text().splitlines()):
-                    break  # a half-written last line of a killed run
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-    return rows
+from pretrain.analysis.records import read_metrics
 
 
 class Metrics:

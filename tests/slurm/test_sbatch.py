@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, synthetic_shards
-from pretrain.trainer.metrics import read_metrics
+from pretrain.analysis.records import read_metrics
 
 pytestmark = pytest.mark.slurm
 

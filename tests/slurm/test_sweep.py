@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import BIN, REPO, synthetic_shards
-from pretrain.trainer.metrics import read_metrics
+from pretrain.analysis.records import read_metrics
 
 SEQ, STEPS = 32, 24  # 8 steps an epoch
 LRS = (1e-3, 2e-3)

@@ -1,0 +1,103 @@
+"""When validation rounds fall (pretrain/evaluation/validation.py's ValidationSchedule): whole runs
+enumerated step by step, with the exact (tokens_seen, reason) list."""
+from __future__ import annotations
+
+import pytest
+
+from pretrain.config import ValidationConf
+from pretrain.evaluation.validation import ValidationSchedule
+
+EPOCH = 1000  # tokens per epoch in these runs
+
+
+def rounds(conf: ValidationConf, step_tokens: int, total: int, epoch: int = EPOCH, start: int = 0):
+    """Every (tokens_seen after the step, reason) of a run from ``start`` to ``total`` tokens."""
+    sched = ValidationSchedule(conf, epoch)
+    out = []
+    for before in range(start, total, step_tokens):
+        reason = sched.reason(before, before + step_tokens)
+        if reason:
+            out.append((before + step_tokens, reason))
+    return out
+
+
+def test_intervals_boundaries_and_points_after_each_boundary():
+    conf = ValidationConf(interval_tokens=300)  # after_boundary_tokens: half an interval (150), 2 points
+    assert ValidationSchedule(conf, EPOCH).after_offsets == [75, 150]
+    assert rounds(conf, 50, 3 * EPOCH) == [
+        (300, "interval"), (600, "interval"), (900, "interval"),
+        (1000, "epoch_boundary"), (1100, "after_boundary"), (1150, "after_boundary"),  # 1075 falls in 1050→1100
+        (1200, "interval"), (1500, "interval"), (1800, "interval"),
+        (2000, "epoch_boundary"), (2100, "after_boundary"), (2150, "after_boundary"),  # 2100 is an interval too
+        (2400, "interval"), (2700, "interval"),
+        (3000, "epoch_boundary")]
+
+
+def test_without_interval_points_after_boundaries_only():
+    conf = ValidationConf()  # no interval: after_boundary_tokens is a tenth of an epoch (100)
+    assert ValidationSchedule(conf, EPOCH).after_offsets == [50, 100]
+    # nothing in the first epoch: its start is no boundary
+    assert rounds(conf, 50, 3 * EPOCH + 200) == [
+        (1000, "epoch_boundary"), (1050, "after_boundary"), (1100, "after_boundary"),
+        (2000, "epoch_boundary"), (2050, "after_boundary"), (2100, "after_boundary"),
+        (3000, "epoch_boundary"), (3050, "after_boundary"), (3100, "after_boundary")]
+
+
+def test_after_boundary_points_are_evenly_spaced():
+    conf = ValidationConf(after_boundary_points=4, after_boundary_tokens=400)
+    assert ValidationSchedule(conf, EPOCH).after_offsets == [100, 200, 300, 400]
+    assert rounds(conf, 50, 2 * EPOCH) == [(1000, "epoch_boundary"), (1100, "after_boundary"),
+                                           (1200, "after_boundary"), (1300, "after_boundary"),
+                                           (1400, "after_boundary"), (2000, "epoch_boundary")]
+    # an explicit after_boundary_tokens wins over half the interval
+    conf = ValidationConf(interval_tokens=500, after_boundary_points=3, after_boundary_tokens=90)
+    assert ValidationSchedule(conf, EPOCH).after_offsets == [30, 60, 90]
+    assert rounds(conf, 10, 2 * EPOCH) == [(500, "interval"), (1000, "epoch_boundary"), (1030, "after_boundary"),
+                                           (1060, "after_boundary"), (1090, "after_boundary"), (1500, "interval"),
+                                           (2000, "epoch_boundary")]
+
+
+def test_coarse_steps_take_one_round_for_several_points():
+    conf = ValidationConf()  # points at +50 and +100
+    assert rounds(conf, 250, 3 * EPOCH) == [(1000, "epoch_boundary"), (1250, "after_boundary"),
+                                            (2000, "epoch_boundary"), (2250, "after_boundary"),
+                                            (3000, "epoch_boundary")]
+
+
+def test_steps_not_aligned_with_the_epoch():
+    # 300-token steps: boundaries fall inside steps (900→1200, 1800→2100, 2700→3000 exactly)
+    conf = ValidationConf(interval_tokens=400, after_boundary_tokens=500)  # points at +250, +500
+    assert rounds(conf, 300, 3000) == [
+        (600, "interval"), (900, "interval"),  # 400 in 300→600, 800 in 600→900
+        (1200, "epoch_boundary"),  # crosses 1000 (and 1200, an interval)
+        (1500, "after_boundary"),  # 1250 and 1500 both in 1200→1500: one round
+        (1800, "interval"),  # 1600
+        (2100, "epoch_boundary"),
+        (2400, "after_boundary"), (2700, "after_boundary"),  # 2250, 2500
+        (3000, "epoch_boundary")]
+
+
+def test_a_step_longer_than_an_epoch_is_a_boundary():
+    sched = ValidationSchedule(ValidationConf(interval_tokens=100), EPOCH)
+    assert sched.reason(900, 2100) == "epoch_boundary"
+    assert sched.reason(0, EPOCH) == "epoch_boundary"
+    assert sched.reason(0, EPOCH - 1) == "interval"
+
+
+def test_a_resumed_run_keeps_the_schedule():
+    conf = ValidationConf(interval_tokens=300)
+    whole = rounds(conf, 50, 3 * EPOCH)
+    resumed = rounds(conf, 50, 1100) + rounds(conf, 50, 3 * EPOCH, start=1100)
+    assert resumed == whole
+
+
+@pytest.mark.parametrize("conf", [ValidationConf(enabled=False), ValidationConf(enabled=False, interval_tokens=100)])
+def test_disabled_never(conf):
+    assert rounds(conf, 50, 4 * EPOCH) == []
+    assert ValidationSchedule(conf, EPOCH).reason(900, 1100) is None
+
+
+def test_no_points_after_the_boundary():
+    conf = ValidationConf(interval_tokens=500, after_boundary_points=0)
+    assert rounds(conf, 100, 2 * EPOCH) == [(500, "interval"), (1000, "epoch_boundary"), (1500, "interval"),
+                                            (2000, "epoch_boundary")]
