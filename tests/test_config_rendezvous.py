@@ -20,7 +20,7 @@ import pytest
 
 from helpers import REPO, free_port, synthetic_shards, train_command, train_env
 
-pytestmark = pytest.mark.multirank
+pytestmark = pytest.mark.multirank  # the control below is one process, but it exists for the 2-rank test
 
 HOOK = '''
 import os
@@ -76,6 +76,7 @@ def test_the_hook_sees_a_rendezvous(tmp_path):
     assert sorted(p.name for p in marks.iterdir()) == ["exit.0", "init_process_group.0"]
 
 
+@pytest.mark.trainer
 def test_bad_batch_fails_on_every_rank_before_the_rendezvous(tmp_path):
     shards = synthetic_shards(tmp_path / "shards", seq_len=32, n_samples=64)
     env, marks = hooked_env(tmp_path)

@@ -36,27 +36,30 @@ def test_lr_lambda_warms_up_from_zero_then_decays_linearly_to_the_final_ratio():
     f = lr_lambda(4, 10, 0.1)
     # warmup: (s + 1) / 4, a line through 0 at s = -1 (the step before the first)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    # decay: from the peak at s = 4 by (1 - 0.1) / (10 - 4) a step, to 0.1, and 0.1 ever after
+    # decay: 1 - 0.9 * (s - 4 + 1) / 6, i.e. down by (1 - 0.1) / (10 - 4) = 0.15 a step after the peak at s = 3,
+    # to 0.1 at s = 9 (the 10-step run's last update), and 0.1 ever after (the fraction is capped at 1)
     decay = [f(s) for s in range(4, 13)]
-    assert decay == pytest.approx([1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1, 0.1, 0.1], abs=1e-15)
-    assert f(10) == pytest.approx(0.1, abs=1e-15) and f(10_000) == pytest.approx(0.1, abs=1e-15)
+    assert decay == pytest.approx([0.85, 0.7, 0.55, 0.4, 0.25, 0.1, 0.1, 0.1, 0.1], abs=1e-15)
+    assert f(9) == pytest.approx(0.1, abs=1e-15) and f(10) == pytest.approx(0.1, abs=1e-15)
+    assert f(10_000) == pytest.approx(0.1, abs=1e-15)
     # the paper's recipe: never below the floor, never above the peak
     values = [f(s) for s in range(30)]
     assert min(values) == pytest.approx(0.1) and max(values) == 1.0
+    assert values.count(1.0) == 1  # the peak is used by one update only (s = 3)
 
 
 def test_lr_lambda_edges():
-    assert [lr_lambda(1, 1, 0.1)(s) for s in range(3)] == pytest.approx([1.0, 1.0, 0.1])  # warmup fills the run
-    assert [lr_lambda(1, 3, 0.5)(s) for s in range(5)] == [1.0, 1.0, 0.75, 0.5, 0.5]
+    # warmup fills the 1-step run: its one update at the peak, then 1 - 0.9 * min(1, (s - 1 + 1) / 1) = 0.1
+    assert [lr_lambda(1, 1, 0.1)(s) for s in range(3)] == pytest.approx([1.0, 0.1, 0.1])
+    # peak at s = 0, then 1 - 0.5 * s / 2: 0.75 at s = 1, 0.5 at s = 2 (the last of 3 updates) and after
+    assert [lr_lambda(1, 3, 0.5)(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.5, 0.5]
     assert [lr_lambda(2, 5, 1.0)(s) for s in range(6)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]  # ratio 1: constant
     f = lr_lambda(3, 2, 0.1)  # warmup longer than the run: the 2 steps never reach the peak
     assert [f(s) for s in range(2)] == pytest.approx([1 / 3, 2 / 3]) and f(100) == pytest.approx(0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="schedule.py's docstring promises final_ratio 'at the last step' "
-                   "(s = total_steps - 1), but the decay reaches it one step later, at s = total_steps, "
-                   "which no update uses; see the report")
 def test_last_step_uses_the_final_ratio():
+    # the last update of a 10-step run is s = 9: 1 - 0.9 * min(1, (9 - 4 + 1) / 6) = 0.1
     assert lr_lambda(4, 10, 0.1)(9) == pytest.approx(0.1)
 
 
@@ -77,10 +80,11 @@ def _run(opt, sched, n: int) -> list[float]:
 
 
 def test_lambdalr_rates_per_update():
-    """Update s (1-based) uses lr_max × f(s - 1): the first update already has a rate above 0."""
+    """Update s (1-based) uses lr_max × f(s - 1): the first update already has a rate above 0, the 4th the
+    peak, the 10th (the run's last) the floor; two more past the planned end stay there."""
     opt, sched = _optimizer(1e-3, lr_lambda(4, 10, 0.1))
     used = _run(opt, sched, 12)
-    assert used == pytest.approx([1e-3 * m for m in (0.25, 0.5, 0.75, 1.0, 1.0, 0.85, 0.7, 0.55, 0.4, 0.25,
+    assert used == pytest.approx([1e-3 * m for m in (0.25, 0.5, 0.75, 1.0, 0.85, 0.7, 0.55, 0.4, 0.25, 0.1,
                                                       0.1, 0.1)], rel=1e-12)
 
 
@@ -94,7 +98,7 @@ def test_refresh_lr_resume_with_a_longer_run():
     lr_max, warmup, ratio = 1e-3, 2, 0.1
     opt, sched = _optimizer(lr_max, lr_lambda(warmup, 6, ratio))
     _run(opt, sched, 4)
-    assert opt.param_groups[0]["lr"] == pytest.approx(lr_max * 0.55, rel=1e-12)  # 1 - 0.9 * 2/4
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_max * 0.325, rel=1e-12)  # 1 - 0.9 * (4-2+1)/4
     saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
 
     # the resumed process: a fresh optimizer and a scheduler with the new length, then the checkpoint
@@ -102,19 +106,20 @@ def test_refresh_lr_resume_with_a_longer_run():
     opt2.load_state_dict(saved_opt)
     sched2.load_state_dict(saved_sched)
     assert sched2.last_epoch == 4
-    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_max * 0.55, rel=1e-12)  # stale: the 6-step rate
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_max * 0.325, rel=1e-12)  # stale: the 6-step rate
     refresh_lr(_Engine(sched2))
-    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_max * 0.82, rel=1e-12)  # 1 - 0.9 * 2/10
-    # and the run goes on along the 12-step schedule
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_max * 0.73, rel=1e-12)  # 1 - 0.9 * (4-2+1)/10
+    # and the run goes on along the 12-step schedule: 1 - 0.9 * (s-1)/10 for its 8 remaining updates s = 4..11,
+    # the last at the floor, and a 9th past the planned end (s = 12) stays there
     assert _run(opt2, sched2, 9) == pytest.approx(
-        [lr_max * m for m in (0.82, 0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19, 0.1)], rel=1e-12)
+        [lr_max * m for m in (0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19, 0.1, 0.1)], rel=1e-12)
 
 
 def test_refresh_lr_sets_every_group_from_its_own_base_rate():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 0.5}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_lambda(2, 4, 0.1), lambda s: 0.25])
-    sched.last_epoch = 3
+    sched.last_epoch = 2  # f(2) = 1 - 0.9 * (2-2+1)/2 = 0.55, apart from f(1) = 1.0 and f(3) = 0.1
     for g in opt.param_groups:
         g["lr"] = 123.0
     refresh_lr(_Engine(sched))

@@ -73,10 +73,6 @@ class Batch:
     sample_ids: np.ndarray  # (micro_batch,) index of each sample in the dataset
     epochs: np.ndarray  # (micro_batch,) how many times each sample was seen before this batch
 
-    @property
-    def num_target_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
 
 class EpochLoader:
     """Yields this rank's micro-batches, one global batch (``grad_accum`` micro-steps) at a time.

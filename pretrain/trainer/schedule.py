@@ -16,13 +16,14 @@ def warmup_steps(warmup_tokens: int, tokens_per_step: int) -> int:
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, final_ratio: float) -> Callable[[int], float]:
-    """Multiplier of lr_max at optimizer step ``s`` (0-based): (s+1)/warmup, then linear to final_ratio
-    at the last step and after it."""
+    """Multiplier of lr_max for the update after ``s`` earlier ones (``s`` 0-based, as LambdaLR counts):
+    (s+1)/warmup up to the peak at s = warmup-1, then linear down to ``final_ratio``, reached by the last
+    update (s = total-1) and kept after it (a run resumed past its planned end)."""
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         span = max(1, total_steps - warmup_steps)
-        return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup_steps) / span)
+        return 1.0 - (1.0 - final_ratio) * min(1.0, (step - warmup_steps + 1) / span)
     return f
 
 
