@@ -274,11 +274,12 @@ class SlurmCluster:
     def state(self, job_id: str) -> str:
         return self.job(job_id).get("JobState", "")
 
-    def wait(self, job_id: str, timeout: float = 300, poll_s: float = 0.2, skip_requeue_delay: bool = True) -> Job:
+    def wait(self, job_id: str, timeout: float = 300, poll_s: float = 0.2) -> Job:
         """Poll every 0.2 s until the job ended (through requeues); as sbatch_wait.sh, but returns a Job.
 
-        A requeued job may not start before ``cred_expire`` seconds (120 by default; the clusters
-        start-slurm.sh makes use 10): with ``skip_requeue_delay`` its BeginTime is set to now."""
+        A requeued job waits out its BeginTime (``cred_expire``: 10 s in start-slurm.sh). Forcing
+        ``StartTime=now`` races the credential's revocation: slurmctld then kills the job ("Job
+        credential revoked", exit 1, seen here), so the tests never skip the wait."""
         deadline = time.monotonic() + timeout
         while True:
             fields = self.job(job_id)
@@ -286,8 +287,6 @@ class SlurmCluster:
             if st not in ACTIVE:
                 code, sig = (fields.get("ExitCode", "0:0").split(":") + ["0"])[:2]
                 return Job(job_id, st, int(code), int(sig), fields)
-            if skip_requeue_delay and st == "PENDING" and fields.get("Reason") == "BeginTime":
-                self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
                 raise TimeoutError(f"Slurm job {job_id} still {st} after {timeout:.0f} s: {fields}")

@@ -163,3 +163,20 @@ def test_config_errors_name_the_key(shards, tmp_path):
     assert "data.path=/nonexistent" in proc.stderr
     proc = train(1, tmp_path / "c", shards, "trainer.max_tokens=256", "trainer.tensor_parallel=3", expect=1)
     assert "trainer.tensor_parallel=3" in proc.stderr
+
+
+def test_resume_ignores_runtime_knobs_and_refuses_another_model_shape(shards, tmp_path):
+    run = tmp_path / "run"
+    train(1, run, shards, "trainer.max_tokens=256", "logger.wandb=false")
+    moved = tmp_path / "moved"  # the same shards at another path, other runtime knobs: no warning
+    subprocess.run(["cp", "-r", str(shards), str(moved)], check=True)
+    proc = train(1, run, moved, "trainer.max_tokens=384", "logger.wandb=false", "data.prefetch=1",
+                 "trainer.log_interval_steps=2", "validation.enabled=false")
+    assert "warning: resuming" not in proc.stderr
+    assert events(run, "start")[-1]["resumed"] is True
+    proc = train(1, run, moved, "trainer.max_tokens=512", "logger.wandb=false", "optim.lr_max=1e-3")
+    assert "warning: resuming" in proc.stderr and "optim" in proc.stderr  # a changed optimizer only warns
+    proc = train(1, run, moved, "trainer.max_tokens=640", "logger.wandb=false", "model.n_layers=3", expect=1)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "model.n_layers=3 (saved: 2)" in line and "step00000004" in line
+    assert "Traceback" not in proc.stderr and events(run, "start")[-1]["step"] == 3  # nothing was loaded

@@ -102,7 +102,7 @@ def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(slurm_cluste
         time.sleep(0.1)
     # what --signal=B:USR1@180 sends before the time limit: USR1 to the batch shell only
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm_cluster.wait(job_id, timeout=600)  # through the requeue (BeginTime skipped)
+    job = slurm_cluster.wait(job_id, timeout=600)  # through the requeue and its BeginTime
 
     log = Path(f"{run_dir}.out").read_text()  # --open-mode=append: both runs' output
     assert (job.state, job.exit_code, job.fields["Restarts"]) == ("COMPLETED", 0, "1"), log[-5000:]
