@@ -109,9 +109,10 @@ class CheckpointConf:
 @dataclass
 class ValidationConf:
     enabled: bool = True  # the rounds described in pretrain/evaluation/validation.py
-    interval_tokens: int | None = None  # None: only at epoch boundaries and right after them
-    after_boundary_points: int = 2
-    after_boundary_tokens: int | None = None  # None: half an interval, or a tenth of an epoch
+    interval_tokens: int | None = None  # None: rounds_per_epoch evenly spaced rounds an epoch
+    rounds_per_epoch: int = 16  # with interval_tokens null (0: only boundary rounds); enough for the detector
+    after_boundary_points: int = 4  # extra rounds right after each boundary, where epoch-wise effects show
+    after_boundary_tokens: int | None = None  # the span they fill; None: half an interval, or a tenth of an epoch
     at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
     seen_samples: int = 32  # the fixed probe of training sequences
     max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)

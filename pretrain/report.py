@@ -1,4 +1,6 @@
 """``gal-report RUN_DIR``: the validation curves of a run, epoch by epoch, and what repetition did.
+``gal-report SWEEP_DIR`` (a Hydra multirun): the sweep's final held-out loss along its swept key
+(pretrain/analysis/sweep.py).
 
 Reads ``RUN_DIR/metrics.jsonl`` (a finished or a still-running run; a half-written last line is
 skipped) and writes to ``RUN_DIR/report/`` (or ``--out DIR``):
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.analysis import doubledescent
+from pretrain.analysis import doubledescent, sweep
 from pretrain.analysis.records import read_metrics
 
 R_STAR_D = 15.4  # Muennighoff et al. 2023, fitted R*_D
@@ -113,7 +115,8 @@ def markdown(summary: dict, run_dir: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["epochs"]:
         b = e["bump"]
-        bump = "–" if b is None else (f"{b['min_tokens']:,} → {b['peak_tokens']:,} → {b['recovery_tokens']:,}; "
+        start = "boundary" if b is None or b["min_tokens"] is None else f"{b['min_tokens']:,}"
+        bump = "–" if b is None else (f"{start} → {b['peak_tokens']:,} → {b['recovery_tokens']:,}; "
                                       f"{b['size_noise']:.1f}σ")
         onset = "–" if e["overfitting_onset_tokens"] is None else f"{e['overfitting_onset_tokens']:,}"
         lines.append(f"| {e['epoch']}{'' if e['complete'] else ' (running)'} | {e['repeat']} | {e['rounds']} | "
@@ -252,17 +255,23 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gal-report", description="Validation curves of a run per epoch (double descent, "
-                                "overfitting, effective data): writes double_descent.png, summary.json, summary.md.")
-    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
+                                "overfitting, effective data): double_descent.png, summary.json, summary.md. On a "
+                                "sweep directory (gal-train -m ...): the final held-out loss along the swept key "
+                                "(pretrain/analysis/sweep.py): sweep.png, summary.json, summary.md.")
+    p.add_argument("run_dir", help="a run directory holding metrics.jsonl, or a multirun directory of them")
     p.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    p.add_argument("--axis", help="a sweep's axis: the swept key (default: the one key that differs between points)")
     p.add_argument("--min-bump-noise", type=float, default=doubledescent.DetectConfig.min_bump_noise,
                    help="a rise counts if at least this many noise sigmas (see pretrain/analysis/doubledescent.py)")
     p.add_argument("--smooth-points", type=int, default=doubledescent.DetectConfig.smooth_points,
-                   help="moving-average window in validation rounds (odd)")
+                   help="moving-average window in validation rounds (odd; default: from the rounds an epoch)")
     a = p.parse_args(argv)
     try:
-        config = doubledescent.DetectConfig(min_bump_noise=a.min_bump_noise, smooth_points=a.smooth_points)
-        paths = report(a.run_dir, a.out, config)
+        if sweep.is_sweep_dir(Path(a.run_dir)):
+            paths = sweep.report(Path(a.run_dir), a.out and Path(a.out), a.axis)
+        else:
+            config = doubledescent.DetectConfig(min_bump_noise=a.min_bump_noise, smooth_points=a.smooth_points)
+            paths = report(a.run_dir, a.out, config)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"gal-report: error: {e}")
     for kind, path in paths.items():

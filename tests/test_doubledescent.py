@@ -164,18 +164,22 @@ def test_online_watch_reads_only_new_lines_and_waits_for_a_half_written_one(tmp_
 
 def test_overfitting_across_epochs_is_found_where_each_epoch_alone_is_a_plateau():
     """Epoch ends fall to a minimum at the end of epoch 3, then each later epoch drifts up by 1.5 sigma
-    (below the in-epoch threshold of 3) while the seen loss keeps falling: the run-level test flags
-    epoch 3; the same curve with a flat seen loss, or without the rise, is not flagged."""
+    (below the in-epoch threshold of 2.5) while the seen loss keeps falling: the run-level test flags
+    epoch 3 (for each of 10 seeds); the same curve with a flat seen loss, or without the rise, is not
+    flagged. With noise, one epoch's 1.5 sigma drift crosses the in-epoch threshold in 3 of those 10
+    seeds, so that check uses one where it does not (seed 2)."""
     epochs = 6
     t = rounds(epochs)
     drift = np.where(t <= 3 * EPOCH, 3.0 - 0.1 * t / EPOCH, 2.7 + 1.5 * SIGMA * (t - 3 * EPOCH) / EPOCH)
-    y = drift + np.random.default_rng(1).normal(0, SIGMA, len(t))
     seen = 3.0 - 0.2 * t / EPOCH
     bounds = [EPOCH * (k + 1) for k in range(epochs)]
+    for seed in range(1, 11):
+        r = detect(t, drift + np.random.default_rng(seed).normal(0, SIGMA, len(t)), bounds, seen_losses=seen)
+        assert r.overfitting_epoch == 3 and r.overfitting_onset_tokens == 3 * EPOCH
+    y = drift + np.random.default_rng(2).normal(0, SIGMA, len(t))
     r = detect(t, y, bounds, seen_losses=seen)
     assert [e.overfitting_onset_tokens for e in r.epochs[3:]] == [None] * 3  # no single epoch shows it
-    assert r.overfitting_epoch == 3 and r.overfitting_onset_tokens == 3 * EPOCH
     assert detect(t, y, bounds, seen_losses=np.full_like(t, 2.0)).overfitting_epoch is None
-    assert detect(t, np.where(t <= 3 * EPOCH, drift, 2.7) + np.random.default_rng(1).normal(0, SIGMA, len(t)),
+    assert detect(t, np.where(t <= 3 * EPOCH, drift, 2.7) + np.random.default_rng(2).normal(0, SIGMA, len(t)),
                   bounds, seen_losses=seen).overfitting_epoch is None
     assert detect(t, y, bounds).overfitting_epoch is None  # no seen curve: no verdict

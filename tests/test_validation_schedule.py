@@ -10,6 +10,23 @@ from pretrain.evaluation.validation import ValidationSchedule
 EPOCH = 1000  # tokens per epoch in these runs
 
 
+def explicit(**kw) -> ValidationConf:
+    """A schedule set by hand: no evenly spaced rounds and 2 points after a boundary unless given."""
+    return ValidationConf(**{"rounds_per_epoch": 0, "after_boundary_points": 2, **kw})
+
+
+def test_the_default_is_16_rounds_an_epoch_and_4_right_after_each_boundary():
+    sched = ValidationSchedule(ValidationConf(), 1600)  # interval 100; 4 points in its first half (50)
+    assert sched.interval == 100 and sched.after_offsets == [12, 25, 37, 50]
+    got = rounds(ValidationConf(), 1, 2 * 1600, epoch=1600)
+    assert got == ([(100 * k, "interval") for k in range(1, 16)] + [(1600, "epoch_boundary")]
+                   + [(1600 + o, "after_boundary") for o in (12, 25, 37, 50)]
+                   + [(1600 + 100 * k, "interval") for k in range(1, 16)] + [(3200, "epoch_boundary")])
+    # an explicit interval replaces the per-epoch rounds; 0 rounds an epoch leaves the boundaries only
+    assert ValidationSchedule(ValidationConf(interval_tokens=300), 1600).interval == 300
+    assert ValidationSchedule(ValidationConf(rounds_per_epoch=0), 1600).interval is None
+
+
 def rounds(conf: ValidationConf, step_tokens: int, total: int, epoch: int = EPOCH, start: int = 0):
     """Every (tokens_seen after the step, reason) of a run from ``start`` to ``total`` tokens."""
     sched = ValidationSchedule(conf, epoch)
@@ -22,7 +39,7 @@ def rounds(conf: ValidationConf, step_tokens: int, total: int, epoch: int = EPOC
 
 
 def test_intervals_boundaries_and_points_after_each_boundary():
-    conf = ValidationConf(interval_tokens=300)  # after_boundary_tokens: half an interval (150), 2 points
+    conf = explicit(interval_tokens=300)  # after_boundary_tokens: half an interval (150), 2 points
     assert ValidationSchedule(conf, EPOCH).after_offsets == [75, 150]
     assert rounds(conf, 50, 3 * EPOCH) == [
         (300, "interval"), (600, "interval"), (900, "interval"),
@@ -34,7 +51,7 @@ def test_intervals_boundaries_and_points_after_each_boundary():
 
 
 def test_without_interval_points_after_boundaries_only():
-    conf = ValidationConf()  # no interval: after_boundary_tokens is a tenth of an epoch (100)
+    conf = explicit()  # no interval: after_boundary_tokens is a tenth of an epoch (100)
     assert ValidationSchedule(conf, EPOCH).after_offsets == [50, 100]
     # nothing in the first epoch: its start is no boundary
     assert rounds(conf, 50, 3 * EPOCH + 200) == [
@@ -44,13 +61,13 @@ def test_without_interval_points_after_boundaries_only():
 
 
 def test_after_boundary_points_are_evenly_spaced():
-    conf = ValidationConf(after_boundary_points=4, after_boundary_tokens=400)
+    conf = explicit(after_boundary_points=4, after_boundary_tokens=400)
     assert ValidationSchedule(conf, EPOCH).after_offsets == [100, 200, 300, 400]
     assert rounds(conf, 50, 2 * EPOCH) == [(1000, "epoch_boundary"), (1100, "after_boundary"),
                                            (1200, "after_boundary"), (1300, "after_boundary"),
                                            (1400, "after_boundary"), (2000, "epoch_boundary")]
     # an explicit after_boundary_tokens wins over half the interval
-    conf = ValidationConf(interval_tokens=500, after_boundary_points=3, after_boundary_tokens=90)
+    conf = explicit(interval_tokens=500, after_boundary_points=3, after_boundary_tokens=90)
     assert ValidationSchedule(conf, EPOCH).after_offsets == [30, 60, 90]
     assert rounds(conf, 10, 2 * EPOCH) == [(500, "interval"), (1000, "epoch_boundary"), (1030, "after_boundary"),
                                            (1060, "after_boundary"), (1090, "after_boundary"), (1500, "interval"),
@@ -58,7 +75,7 @@ def test_after_boundary_points_are_evenly_spaced():
 
 
 def test_coarse_steps_take_one_round_for_several_points():
-    conf = ValidationConf()  # points at +50 and +100
+    conf = explicit()  # points at +50 and +100
     assert rounds(conf, 250, 3 * EPOCH) == [(1000, "epoch_boundary"), (1250, "after_boundary"),
                                             (2000, "epoch_boundary"), (2250, "after_boundary"),
                                             (3000, "epoch_boundary")]
@@ -66,7 +83,7 @@ def test_coarse_steps_take_one_round_for_several_points():
 
 def test_steps_not_aligned_with_the_epoch():
     # 300-token steps: boundaries fall inside steps (900→1200, 1800→2100, 2700→3000 exactly)
-    conf = ValidationConf(interval_tokens=400, after_boundary_tokens=500)  # points at +250, +500
+    conf = explicit(interval_tokens=400, after_boundary_tokens=500)  # points at +250, +500
     assert rounds(conf, 300, 3000) == [
         (600, "interval"), (900, "interval"),  # 400 in 300→600, 800 in 600→900
         (1200, "epoch_boundary"),  # crosses 1000 (and 1200, an interval)
@@ -78,26 +95,26 @@ def test_steps_not_aligned_with_the_epoch():
 
 
 def test_a_step_longer_than_an_epoch_is_a_boundary():
-    sched = ValidationSchedule(ValidationConf(interval_tokens=100), EPOCH)
+    sched = ValidationSchedule(explicit(interval_tokens=100), EPOCH)
     assert sched.reason(900, 2100) == "epoch_boundary"
     assert sched.reason(0, EPOCH) == "epoch_boundary"
     assert sched.reason(0, EPOCH - 1) == "interval"
 
 
 def test_a_resumed_run_keeps_the_schedule():
-    conf = ValidationConf(interval_tokens=300)
+    conf = explicit(interval_tokens=300)
     whole = rounds(conf, 50, 3 * EPOCH)
     resumed = rounds(conf, 50, 1100) + rounds(conf, 50, 3 * EPOCH, start=1100)
     assert resumed == whole
 
 
-@pytest.mark.parametrize("conf", [ValidationConf(enabled=False), ValidationConf(enabled=False, interval_tokens=100)])
+@pytest.mark.parametrize("conf", [explicit(enabled=False), explicit(enabled=False, interval_tokens=100)])
 def test_disabled_never(conf):
     assert rounds(conf, 50, 4 * EPOCH) == []
     assert ValidationSchedule(conf, EPOCH).reason(900, 1100) is None
 
 
 def test_no_points_after_the_boundary():
-    conf = ValidationConf(interval_tokens=500, after_boundary_points=0)
+    conf = explicit(interval_tokens=500, after_boundary_points=0)
     assert rounds(conf, 100, 2 * EPOCH) == [(500, "interval"), (1000, "epoch_boundary"), (1500, "interval"),
                                             (2000, "epoch_boundary")]

@@ -3,7 +3,8 @@
 Galactica trained 4.25 epochs and saw the validation loss plateau or rise within an epoch and fall
 again after it (epoch-wise double descent). To see that while a run goes, a round is evaluated
 
-* every ``validation.interval_tokens`` tokens (``reason="interval"``),
+* every ``validation.interval_tokens`` tokens, by default ``validation.rounds_per_epoch`` (16) evenly
+  spaced rounds an epoch (``reason="interval"``),
 * at every epoch boundary (``"epoch_boundary"``),
 * at ``validation.after_boundary_points`` extra points in the first ``after_boundary_tokens`` after
   each boundary (``"after_boundary"``), where the effect shows first.
@@ -37,8 +38,9 @@ class ValidationSchedule:
 
     def __init__(self, conf: ValidationConf, tokens_per_epoch: int):
         self.conf, self.tokens_per_epoch = conf, tokens_per_epoch
-        after = conf.after_boundary_tokens or (conf.interval_tokens // 2 if conf.interval_tokens
-                                                else tokens_per_epoch // 10)
+        self.interval = conf.interval_tokens or (max(1, tokens_per_epoch // conf.rounds_per_epoch)
+                                                 if conf.rounds_per_epoch > 0 else None)
+        after = conf.after_boundary_tokens or (self.interval // 2 if self.interval else tokens_per_epoch // 10)
         points = conf.after_boundary_points
         self.after_offsets = [after * (k + 1) // points for k in range(points)]  # evenly in (0, after]
 
@@ -52,7 +54,7 @@ class ValidationSchedule:
         start = epoch * self.tokens_per_epoch
         if epoch > 0 and any(before < start + off <= after for off in self.after_offsets):
             return "after_boundary"
-        interval = self.conf.interval_tokens
+        interval = self.interval
         if interval and after // interval > before // interval:
             return "interval"
         return None

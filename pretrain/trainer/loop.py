@@ -9,6 +9,7 @@ SIGUSR1/SIGTERM and a checkpoint (slurm/pretrain.sbatch requeues on it); ``EXIT_
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -86,9 +87,11 @@ def log_step(run: Run, result: StepResult, batches) -> None:
 def validation_round(run: Run, reason: str) -> None:
     """Evaluate, record, and (main rank) update the online double-descent verdict."""
     state, loader = run.state, run.loader
+    start = time.perf_counter()
     result = run.validator.run(run.engine, run.device)
     run.metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
-                           repeat=math.floor(loader.epoch), reason=reason, **result)
+                           repeat=math.floor(loader.epoch), reason=reason, seconds=time.perf_counter() - start,
+                           **result)
     verdict = run.watch.update() if run.watch is not None else None
     if verdict:
         run.metrics.event("double_descent", step=state.step, tokens_seen=state.tokens_seen,

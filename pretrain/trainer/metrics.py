@@ -64,19 +64,19 @@ class Metrics:
         if self.console is not None:
             self.console.print(f"[bold]{name}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
 
-    def validation(self, *, step: int, tokens_seen: int, epoch: float, repeat: int, reason: str,
+    def validation(self, *, step: int, tokens_seen: int, epoch: float, repeat: int, reason: str, seconds: float,
                    losses: dict, tokens: dict, probes: dict | None = None) -> None:
         """A validation round: one row in metrics.jsonl; ``valid/<set>/loss`` series in wandb, and with
         the chemistry probes (pretrain/evaluation/probes.py) a ``probes`` entry / ``probe/<name>`` series."""
         if not self.enabled:
             return
         row = {"event": "validation", "step": step, "tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat,
-               "reason": reason, "losses": losses, "tokens": tokens}
+               "reason": reason, "validation_s": round(seconds, 3), "losses": losses, "tokens": tokens}
         if probes is not None:
             row["probes"] = probes
         self.file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({"tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat,
+            self.wandb_run.log({"tokens_seen": tokens_seen, "epoch": epoch, "repeat": repeat, "validation_s": seconds,
                                 **{f"valid/{k}/loss": v for k, v in losses.items() if v is not None},
                                 **{f"probe/{k}": v for k, v in (probes or {}).items() if v is not None}})
         if self.console is not None:
