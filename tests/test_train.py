@@ -150,7 +150,9 @@ def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses == pytest.approx([r["loss"] for r in rows], rel=1e-6)
-    assert {"lr", "tokens_seen", "epoch", "grad_norm", "tokens_per_s", "mfu"} <= set(history[-1])
+    last_step = [h for h in history if "loss" in h][-1]  # validation rounds are logged after it too
+    assert {"lr", "tokens_seen", "epoch", "grad_norm", "tokens_per_s", "mfu"} <= set(last_step)
+    assert any("valid/seen/loss" in h and "validation_s" in h for h in history)
     (config,) = [r["run"]["config"]["update"] for r in records if r["type"] == "run"]
     assert config["optim"]["lr_max"] == 2e-3 and config["model"]["size"] == "tiny-2l"
     assert "WANDB_API_KEY" not in out.stdout and "api_key" not in out.stdout.lower()

@@ -15,16 +15,17 @@ def explicit(**kw) -> ValidationConf:
     return ValidationConf(**{"rounds_per_epoch": 0, "after_boundary_points": 2, **kw})
 
 
-def test_the_default_is_16_rounds_an_epoch_and_4_right_after_each_boundary():
-    sched = ValidationSchedule(ValidationConf(), 1600)  # interval 100; 4 points in its first half (50)
+def test_dense_is_16_rounds_an_epoch_and_4_right_after_each_boundary():
+    dense = ValidationConf(rounds_per_epoch=16, after_boundary_points=4)  # conf/validation/dense.yaml
+    sched = ValidationSchedule(dense, 1600)  # interval 100; 4 points in its first half (50)
     assert sched.interval == 100 and sched.after_offsets == [12, 25, 37, 50]
-    got = rounds(ValidationConf(), 1, 2 * 1600, epoch=1600)
+    got = rounds(dense, 1, 2 * 1600, epoch=1600)
     assert got == ([(100 * k, "interval") for k in range(1, 16)] + [(1600, "epoch_boundary")]
                    + [(1600 + o, "after_boundary") for o in (12, 25, 37, 50)]
                    + [(1600 + 100 * k, "interval") for k in range(1, 16)] + [(3200, "epoch_boundary")])
     # an explicit interval replaces the per-epoch rounds; 0 rounds an epoch leaves the boundaries only
     assert ValidationSchedule(ValidationConf(interval_tokens=300), 1600).interval == 300
-    assert ValidationSchedule(ValidationConf(rounds_per_epoch=0), 1600).interval is None
+    assert ValidationSchedule(ValidationConf(), 1600).interval is None  # the default: boundaries only
 
 
 def rounds(conf: ValidationConf, step_tokens: int, total: int, epoch: int = EPOCH, start: int = 0):
