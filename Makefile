@@ -24,7 +24,7 @@ TRAIN_RUN_DIR  ?= runs/make-train-$(shell date +%Y%m%d-%H%M%S)
 TRAIN_ARGS     ?= model=tiny-2l trainer.max_epochs=2
 
 train: $(STAMP)
-	test -f $(SAMPLE_SHARDS)/manifest.json || $(VENV)/bin/gal-prepare shards.seq_len=512 output=$(SAMPLE_SHARDS)
+	grep -qs galactica-shards-v2 $(SAMPLE_SHARDS)/manifest.json || $(VENV)/bin/gal-prepare shards.seq_len=512 output=$(SAMPLE_SHARDS) overwrite=true
 	$(VENV)/bin/gal-train data.path=$(SAMPLE_SHARDS) run_dir=$(TRAIN_RUN_DIR) $(TRAIN_ARGS)
 
 test: $(STAMP)

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -47,9 +47,25 @@ class ModelConf:
 
 
 @dataclass
+class RepeatConf:
+    """A repeated subset (Hernandez et al. 2022): ``fraction`` of each global batch's samples come from a
+    fixed subset of ``samples`` samples of ``source`` (chosen by data.seed, left out of that source's
+    unique stream). With the run's length this sets how often the subset is seen (logged as
+    ``repeated_passes``)."""
+
+    source: Optional[str] = None  # None: no repeated subset
+    samples: int = 0
+    fraction: float = 0.0
+
+
+@dataclass
 class DataConf:
-    path: str = "data/sample_shards"  # a gal-prepare output directory (manifest.json, train/, valid/)
-    seed: int = 1234  # the epoch permutations are seeded by (seed, epoch)
+    path: str = "data/sample_shards"  # a gal-prepare output directory (manifest.json, train/<source>/, valid/<source>/)
+    seed: int = 1234  # each stream's epoch permutations are seeded by (seed, stream, epoch)
+    # source → weight: the share of each global batch's samples drawn from that source (normalised to sum
+    # to 1; sources left out are not trained on). Empty: weights proportional to the sources' sizes.
+    mixture: Dict[str, float] = field(default_factory=dict)
+    repeat: RepeatConf = field(default_factory=RepeatConf)
     prefetch: int = 4  # global batches read ahead by a background thread
     record_sample_ids: bool = False  # write RUN_DIR/sample_ids.jsonl: which samples each step trained on
 
@@ -110,15 +126,17 @@ class CheckpointConf:
 class ValidationConf:
     enabled: bool = True  # the rounds described in pretrain/evaluation/validation.py
     interval_tokens: int | None = None  # None: rounds_per_epoch evenly spaced rounds an epoch
-    # With interval_tokens null: 0 = boundary rounds only. 16 (+ after_boundary_points=4) is the density the
-    # double-descent detector needs (tests/test_doubledescent_rates.py); not the default yet: at CPU scale
-    # each round evaluates every held-out sample, ~28% of make train's time at 16 rounds an epoch.
-    rounds_per_epoch: int = 0
-    after_boundary_points: int = 2  # extra rounds right after each boundary, where epoch-wise effects show
+    # 16 (+ after_boundary_points=4) is the density the double-descent detector needs
+    # (tests/test_doubledescent_rates.py); 0 with interval_tokens null: boundary rounds only.
+    rounds_per_epoch: int = 16
+    after_boundary_points: int = 4  # extra rounds right after each boundary, where epoch-wise effects show
     after_boundary_tokens: int | None = None  # the span they fill; None: half an interval, or a tenth of an epoch
     at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
-    seen_samples: int = 32  # the fixed probe of training sequences
-    max_samples_per_source: int | None = None  # cap the held-out sets (None: all of them)
+    # A round's cost, as a fraction of the training compute between rounds: it sizes the fixed evaluation
+    # sets (equal shares, at least one micro-batch each). None: every held-out sample, every round.
+    max_cost: Optional[float] = 0.05
+    seen_samples: int = 32  # at most this many fixed training samples per stream (seen/<stream>)
+    max_samples_per_source: int | None = None  # at most this many held-out samples per source
     micro_batch_size: int = 4
     # chemistry probes (pretrain/evaluation/probes.py) in every round: SMILES → formula exact match on held-out
     # molecules, and the RDKit parse rate of sampled SMILES
@@ -235,7 +253,7 @@ def model_sizes() -> list[str]:
 # anything loads (a different shape cannot load: an error); a change in the keys below only warns.
 # Runtime knobs (paths, prefetch, logging, validation, checkpoint interval) are free to change.
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "ffn_mult", "max_positions", "vocab_size")
-HASHED_KEYS = ("model.dropout", "model.attention_dropout", "optim", "data.seed", "seed")
+HASHED_KEYS = ("model.dropout", "model.attention_dropout", "optim", "data.seed", "data.mixture", "data.repeat", "seed")
 
 
 def model_shape(model_cfg: GalacticaConfig) -> dict[str, int]:

@@ -66,7 +66,7 @@ def _tokens_per_epoch(rows: list[dict]) -> float:
 def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None) -> dict:
     """The summary.json content: per epoch of the aggregate curve, and every series' detection."""
     valid = [r for r in rows if r.get("event") == "validation"]
-    series = sorted({k for r in valid for k in r["losses"] if k != "seen"}, key=lambda k: (k == "aggregate", k))
+    series = sorted({k for r in valid for k in r["losses"] if not k.startswith("seen")}, key=lambda k: (k == "aggregate", k))
     results = {s: doubledescent.from_metrics(rows, s, config) for s in series}
     unique = _tokens_per_epoch(rows)
     main = "aggregate" if "aggregate" in results else series[0]

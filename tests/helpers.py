@@ -62,25 +62,27 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
 
 
 # ----------------------------------------------------------------------------- synthetic shards
-def synthetic_shards(root: Path, seq_len: int, n_samples: int, samples_per_shard: int = 16, vocab: int = 256,
-                     pad_last: int = 0, manifest: dict | None = None) -> Path:
+def synthetic_shards(root: Path, seq_len: int, n_samples: int | dict[str, int], samples_per_shard: int = 16,
+                     vocab: int = 256, pad_last: int = 0, manifest: dict | None = None) -> Path:
     """``n_samples`` learnable token ramps (ids 4..253) in real shards (the real ShardWriter) under
-    ``root/train``, and ``root/manifest.json``: enough for the trainer when no tokenizer is needed.
+    ``root/train/syn/`` (or ``{source: samples}`` under ``root/train/<source>/``), and
+    ``root/manifest.json``: enough for the trainer when no tokenizer is needed.
 
-    ``pad_last``: that many pad tokens (id 1) at the tail of the last sample, counted in its metadata.
+    ``pad_last``: that many pad tokens (id 1) at the tail of each source's last sample, in its metadata.
     ``manifest``: more manifest keys (e.g. a tokenizer), over ``{"vocab_size": vocab, "pad_id": 1}``."""
     from pretrain.data.shards import ShardWriter
 
     rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
-    for i in range(n_samples):
-        toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
-        pad = pad_last if i == n_samples - 1 else 0
-        if pad:
-            toks[-pad:] = 1
-        w.write(toks.astype(np.uint16), {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0],
-                                         "pad_tokens": pad})
-    w.close()
+    for source, n in (n_samples if isinstance(n_samples, dict) else {"syn": n_samples}).items():
+        w = ShardWriter(root / "train" / source, seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
+        for i in range(n):
+            toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
+            pad = pad_last if i == n - 1 else 0
+            if pad:
+                toks[-pad:] = 1
+            w.write(toks.astype(np.uint16), {"doc_ids": [f"{source}{i}"], "sources": [source], "doc_starts": [0],
+                                             "pad_tokens": pad})
+        w.close()
     (root / "manifest.json").write_text(json.dumps({"vocab_size": vocab, "pad_id": 1, **(manifest or {})}))
     return root
 

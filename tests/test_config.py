@@ -45,7 +45,8 @@ def changed(cfg: TrainConfig, key: str, value) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- config_hash
 def test_hashed_keys():
-    assert HASHED_KEYS == ("model.dropout", "model.attention_dropout", "optim", "data.seed", "seed")
+    assert HASHED_KEYS == ("model.dropout", "model.attention_dropout", "optim", "data.seed", "data.mixture",
+                           "data.repeat", "seed")
 
 
 def test_config_hash_is_a_digest_of_the_hashed_keys_and_the_data_identity():
@@ -55,7 +56,8 @@ def test_config_hash_is_a_digest_of_the_hashed_keys_and_the_data_identity():
     keep = {"data_identity": IDENTITY, "model.dropout": 0.1, "model.attention_dropout": 0.1,
             "optim": {"lr_max": 2e-3, "lr_final_ratio": 0.1, "warmup_tokens": 200000, "beta1": 0.9, "beta2": 0.95,
                       "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 1.0},
-            "data.seed": 1234, "seed": 1234}
+            "data.seed": 1234, "data.mixture": {}, "data.repeat": {"source": None, "samples": 0, "fraction": 0.0},
+            "seed": 1234}
     assert h == hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(copy.deepcopy(cfg), IDENTITY) == h
 
@@ -105,7 +107,7 @@ def test_data_identity_follows_content_not_path(tmp_path):
     assert data_identity(again, read_manifest(again)) == ident
     # other tokens in the last shard: another identity
     other = synthetic_shards(tmp_path / "other", seq_len=8, n_samples=20, samples_per_shard=8, pad_last=3)
-    shas = [[s["sha256"] for s in json.loads((d / "train" / "index.json").read_text())["shards"]] for d in (a, other)]
+    shas = [[s["sha256"] for s in json.loads((d / "train" / "syn" / "index.json").read_text())["shards"]] for d in (a, other)]
     assert shas[0][:2] == shas[1][:2] and shas[0][2] != shas[1][2]
     assert data_identity(other, read_manifest(other)) != ident
     # the vocabulary, the pad id and the tokenizer are part of it

@@ -1,7 +1,7 @@
 """Detection rates of pretrain/analysis/doubledescent.py at the default validation density, on seeded
 synthetic curves with the noise of a real run.
 
-Density: validation=dense (conf/validation/dense.yaml): 16 rounds an epoch plus 4 in the first 32nd of
+Density: the default (conf/validation/default.yaml): 16 rounds an epoch plus 4 in the first 32nd of
 an epoch after each boundary. Noise: sigma = 0.0105 nats, the round-to-round noise measured on
 the held-out curve of docs/experiments/repeat_small (summary.json "noise"). Each curve has 4 epochs
 falling 0.25/e nats in epoch e (a slowing descent, 24 sigma in epoch 1 and 6 in epoch 4); the shapes
@@ -20,11 +20,11 @@ EPOCH, EPOCHS, STEP = 32_000, 4, 250  # tokens per epoch and per step
 SIGMA = 0.0105
 TRIALS = 150
 BUMPS = ("descent_ascent_descent", "boundary_ascent_descent")
-DENSE = ValidationConf(rounds_per_epoch=16, after_boundary_points=4)  # conf/validation/dense.yaml
+DENSE = ValidationConf()  # the default: 16 rounds an epoch + 4 after each boundary
 
 
 def default_rounds() -> np.ndarray:
-    """tokens_seen of every round validation=dense runs over the 4 epochs."""
+    """tokens_seen of every round the default schedule runs over the 4 epochs."""
     sched, out = ValidationSchedule(DENSE, EPOCH), []
     for before in range(0, EPOCHS * EPOCH, STEP):
         if sched.reason(before, before + STEP):

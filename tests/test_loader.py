@@ -102,8 +102,8 @@ def test_bad_configuration_and_foreign_state_are_refused():
     with pytest.raises(ValueError, match="global_batch_size=10 is not divisible"):
         EpochLoader(ArraySamples(10), micro_batch_size=2, global_batch_size=10, dp_size=2)
     loader = EpochLoader(ArraySamples(10), micro_batch_size=2, global_batch_size=4)
-    with pytest.raises(ValueError, match="12 training samples"):
-        loader.load_state_dict({**loader.state_dict(), "num_samples": 12})
+    with pytest.raises(ValueError, match="another data.mixture, data.repeat or dataset"):
+        loader.load_state_dict({**loader.state_dict(), "streams": {"train": {"samples": 12, "drawn": 0}}})
 
 
 def test_a_failing_read_surfaces_in_the_training_process():

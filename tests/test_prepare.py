@@ -19,7 +19,7 @@ from pretrain.data.clean import clean_text
 from pretrain.data.config import ConfigError
 from pretrain.data.markup import Renderer
 from pretrain.data.pipeline import builtin_sample_files, prepare
-from pretrain.data.shards import ShardReader
+from pretrain.data.shards import ShardReader, TrainSplit
 from pretrain.tokenizer import GalacticaTokenizer
 
 
@@ -191,9 +191,9 @@ def test_no_arguments_prepares_the_builtin_sample(tmp_path):
     assert set(m["sources"]) == {"docstrings", "molecules"}
     assert m["vocab_size"] == 8000 and m["seq_len"] == 2048 and m["dtype"] == "uint16"
     assert m["config"]["input"] is None and m["errors"] == {}
-    assert m["splits"]["train"]["samples"] > 300 and m["splits"]["valid/docstrings"]["samples"] > 10
+    assert m["splits"]["train/docstrings"]["samples"] > 300 and m["splits"]["valid/docstrings"]["samples"] > 10
     tok = GalacticaTokenizer.load(out / "tokenizer")
-    reader = ShardReader(out / "train")
+    reader = TrainSplit(out)
     text = tok.decode(np.concatenate([reader[i] for i in range(len(reader))]).tolist())
     for marker in ("[START_I_SMILES]", "[START_SMILES]", "[START_REF]", "$"):
         assert marker in text

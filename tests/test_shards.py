@@ -55,6 +55,16 @@ def _documents(reader: ShardReader):
     return list(zip(ids, sources, docs)), stream
 
 
+def _train_documents(out):
+    """_documents of every source's training split, sources in name order."""
+    parts = [_documents(ShardReader(d)) for d in sorted((out / "train").iterdir())]
+    return [d for docs, _ in parts for d in docs], np.concatenate([stream for _, stream in parts])
+
+
+def _train_splits(m):
+    return {name: split for name, split in m["splits"].items() if name.startswith("train/")}
+
+
 def test_manifest_counts(prepared):
     inputs, out, m = prepared
     lines = sum(len(f.read_bytes().splitlines()) for f in inputs.glob("*.jsonl"))
@@ -73,14 +83,15 @@ def test_manifest_counts(prepared):
         for shard in split["shards"]:
             assert hashlib.sha256((out / name / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
         assert split["tokens"] == len(reader) * (SEQ_LEN + 1) - split["pad_tokens"]
-    assert len(m["splits"]["train"]["shards"]) > 1
+    assert len(m["splits"]["train/arxiv"]["shards"]) > 1
     for source, counts in m["sources"].items():
         assert counts["valid"]["documents"] >= 1, source
-        assert f"valid/{source}" in m["splits"]
-    # tokens per source and split add up to the packed tokens of each split
-    assert sum(c["train"]["tokens"] for c in m["sources"].values()) == m["splits"]["train"]["tokens"]
+        assert f"valid/{source}" in m["splits"] and f"train/{source}" in m["splits"]
+    # tokens per source and split are the packed tokens of that source's split
     for source, c in m["sources"].items():
-        assert c["valid"]["tokens"] == m["splits"][f"valid/{source}"]["tokens"]
+        for split in ("train", "valid"):
+            assert c[split]["tokens"] == m["splits"][f"{split}/{source}"]["tokens"], (source, split)
+    assert set(_train_splits(m)) == {f"train/{s}" for s in m["sources"]}
 
 
 def test_every_training_token_exactly_once(prepared):
@@ -88,27 +99,30 @@ def test_every_training_token_exactly_once(prepared):
     tok = GalacticaTokenizer.load(out / "tokenizer")
     formats = {k: SourceFormat(**v) for k, v in yaml.safe_load((REPO / "conf/corpus/default.yaml").read_text()).items()}
     renderer = Renderer(formats)
-    docs, stream = _documents(ShardReader(out / "train"))
+    docs, stream = _train_documents(out)
     in_train = {doc_id for doc_id, _, _ in docs}
-    expected_ids, expected = [], []
+    by_source: dict[str, list] = {}
     for f in sorted(inputs.glob("*.jsonl")):
         for line in f.open():
             r = json.loads(line)
             if r["id"] in in_train:
-                expected_ids.append(r["id"])
-                expected.append(np.array(tok.encode(renderer.render(r["source"], r)) + [2]))
-    assert [d[0] for d in docs] == expected_ids  # every kept training document, once, in input order
+                by_source.setdefault(r["source"], []).append(
+                    (r["id"], np.array(tok.encode(renderer.render(r["source"], r)) + [2])))
+    expected_ids = [i for s in sorted(by_source) for i, _ in by_source[s]]
+    expected = [t for s in sorted(by_source) for _, t in by_source[s]]
+    # every kept training document, once, in its source's shards, in input order
+    assert [d[0] for d in docs] == expected_ids
     for (doc_id, _, got), want in zip(docs, expected):
         assert np.array_equal(got, want), doc_id
     want = np.concatenate(expected)
-    assert len(stream) == len(want) == m["splits"]["train"]["tokens"] == m["totals"]["train"]["tokens"]
+    assert len(stream) == len(want) == sum(s["tokens"] for s in _train_splits(m).values()) == m["totals"]["train"]["tokens"]
     assert hashlib.sha256(stream.tobytes()).hexdigest() == hashlib.sha256(want.astype(np.int64).tobytes()).hexdigest()
     assert m["totals"]["train"]["documents"] == len(docs)
 
 
 def test_validation_never_in_training(prepared):
     _, out, m = prepared
-    train_docs, _ = _documents(ShardReader(out / "train"))
+    train_docs, _ = _train_documents(out)
     train_ids = {d[0] for d in train_docs}
     train_content = {hashlib.sha256(d[2].tobytes()).digest() for d in train_docs}
     salt, fraction = m["config"]["split"]["salt"], m["config"]["split"]["valid_fraction"]
@@ -141,13 +155,13 @@ def test_index_reads_equal_sequential_webdataset(prepared):
             assert np.array_equal(reader[i], sample["tokens.npy"])
             assert reader.meta(i) == sample["meta.json"]
         assert np.array_equal(reader[-1], sequential[-1]["tokens.npy"])
-    reader = ShardReader(out / "train")
+    reader = ShardReader(out / "train" / "arxiv")
     sequential = [s["tokens.npy"] for s in reader.webdataset()]
     for i in np.random.default_rng(0).permutation(len(reader)):  # random access in any order
         assert np.array_equal(reader[int(i)], sequential[i])
     reader[0]  # opens descriptors in the parent, then read in forked children
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        forked = pool.map(_read_all, [out / "train"] * 2)
+        forked = pool.map(_read_all, [out / "train" / "arxiv"] * 2)
     for child in forked:
         assert all(np.array_equal(a, reader[i]) for i, a in enumerate(child))
     with pytest.raises(IndexError, match="out of range"):

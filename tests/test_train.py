@@ -90,6 +90,55 @@ def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(sha
     assert [s["world_size"] for s in start] == [2, 1] and [s["grad_accum"] for s in start] == [2, 4]
 
 
+MIXTURE = ["+data.mixture={big:0.8,small:0.2}", "data.repeat.source=big", "data.repeat.samples=3",
+           "data.repeat.fraction=0.25"]
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory) -> Path:
+    return synthetic_shards(tmp_path_factory.mktemp("two_sources"), SEQ, {"big": 40, "small": 12}, samples_per_shard=16)
+
+
+def planned_ids(shards: Path, steps: int) -> list[list[int]]:
+    """The samples of each global batch of MIXTURE, from the loader in this process (the plan)."""
+    from pretrain.data.loader import EpochLoader, plan_streams
+    from pretrain.data.shards import TrainSplit
+
+    train = TrainSplit(shards)
+    streams = plan_streams({s: train.ids(s) for s in train.sources}, mixture={"big": 0.8, "small": 0.2},
+                           repeat_source="big", repeat_samples=3, repeat_fraction=0.25, seed=1234)
+    loader = EpochLoader(train, streams, micro_batch_size=4, global_batch_size=4, prefetch=0)
+    return [sorted(loader.next_global_batch()[0].sample_ids.tolist()) for _ in range(steps)]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_mixture_with_a_repeated_subset_resumes_bit_for_bit_and_on_one_rank_consumes_the_plan(two_sources, tmp_path):
+    args = ["deepspeed=zero2", *MIXTURE, "trainer.max_tokens=1536", "checkpoint.interval_tokens=384",
+            "data.record_sample_ids=true", "logger.wandb=false"]
+    train(2, tmp_path / "straight", two_sources, *args)
+    want = steps(tmp_path / "straight")
+    assert len(want) == 12
+    run = tmp_path / "killed"  # SIGKILL after step 5; the resume starts from the step-3 checkpoint
+    train(2, run, two_sources, *args, expect=1, extra_env={"GAL_FAULT_KILL": "step:5"})
+    train(2, run, two_sources, *args)
+    got = steps(run)
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]  # exact float equality
+    assert [r["source_tokens"] for r in got] == [r["source_tokens"] for r in want]
+    # accounting: 12 steps × 4 samples × 32 tokens; shares 0.6 big + 0.25 repeated (from big), 0.15 small
+    last = want[-1]
+    assert last["source_tokens"] == {"big": 41 * SEQ, "small": 7 * SEQ}
+    assert last["repeated_passes"] == pytest.approx(12 / 3) and last["source_epochs"]["small"] == pytest.approx(7 / 12)
+
+    # 2 → 1 ranks half-way: every step trains on exactly the planned samples
+    moved = tmp_path / "moved"
+    train(2, moved, two_sources, *args[:-3], "trainer.max_tokens=768", "data.record_sample_ids=true", "logger.wandb=false")
+    train(1, moved, two_sources, *args)
+    rows = [json.loads(x) for x in (moved / "sample_ids.jsonl").read_text().splitlines()]
+    assert [sorted(r["ids"]) for r in rows] == planned_ids(two_sources, 12)
+    assert [s["world_size"] for s in events(moved, "start")] == [2, 1]
+
+
 def test_sigusr1_checkpoints_and_exits_with_the_preemption_code(shards, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(train_command(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false"), cwd=REPO,

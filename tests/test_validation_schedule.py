@@ -16,7 +16,7 @@ def explicit(**kw) -> ValidationConf:
 
 
 def test_dense_is_16_rounds_an_epoch_and_4_right_after_each_boundary():
-    dense = ValidationConf(rounds_per_epoch=16, after_boundary_points=4)  # conf/validation/dense.yaml
+    dense = ValidationConf()  # the default
     sched = ValidationSchedule(dense, 1600)  # interval 100; 4 points in its first half (50)
     assert sched.interval == 100 and sched.after_offsets == [12, 25, 37, 50]
     got = rounds(dense, 1, 2 * 1600, epoch=1600)
@@ -25,7 +25,9 @@ def test_dense_is_16_rounds_an_epoch_and_4_right_after_each_boundary():
                    + [(1600 + 100 * k, "interval") for k in range(1, 16)] + [(3200, "epoch_boundary")])
     # an explicit interval replaces the per-epoch rounds; 0 rounds an epoch leaves the boundaries only
     assert ValidationSchedule(ValidationConf(interval_tokens=300), 1600).interval == 300
-    assert ValidationSchedule(ValidationConf(), 1600).interval is None  # the default: boundaries only
+    assert ValidationSchedule(ValidationConf(rounds_per_epoch=0), 1600).interval is None  # boundaries only
+    # 16 rounds + 1 boundary round shared with one + 4 after it: 20 rounds an epoch (the cost budget's unit)
+    assert sched.tokens_between_rounds == 1600 / 20
 
 
 def rounds(conf: ValidationConf, step_tokens: int, total: int, epoch: int = EPOCH, start: int = 0):

@@ -6,7 +6,8 @@ Two streaming passes with bounded memory (except the dedup tables, see dedup.py)
      write the held-out records of sources with a formula to probes/<source>.jsonl (the chemistry
      probe's prompts and gold formulas, pretrain/evaluation/probes.py).
   2. train the tokenizer on the sample; read the work file → (workers) tokenize → (main) pack into
-     samples of seq_len + 1 tokens → shards + index per split.
+     samples of seq_len + 1 tokens → shards + index per split and source (train/<source>/,
+     valid/<source>/), so a run can mix the sources (pretrain/data/loader.py).
 Everything is written into a temporary directory beside the output, renamed into place at the end,
 so an interrupted run never leaves a manifest that claims incomplete shards. Workers run in order
 (a bounded window of batches in flight), so the output is a deterministic function of the input and
@@ -36,7 +37,7 @@ from .shards import Packer, ShardWriter, token_dtype
 from .split import is_validation, unit_hash
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
-FORMAT_VERSION = "galactica-shards-v1"
+FORMAT_VERSION = "galactica-shards-v2"  # v2: train/<source>/ (v1: one train/ for all sources)
 LINES_PER_BATCH = 256
 DOCS_PER_BATCH = 128
 
@@ -275,7 +276,7 @@ def _train_tokenizer(cfg: PrepareConf, work: Path, sample: list[int], out_dir: P
 
 def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size: int, workers: int,
            stats: Stats, pad_id: int, progress: bool) -> dict[str, dict]:
-    """Tokenize the kept documents and pack them into train/ and valid/<source>/ shards."""
+    """Tokenize the kept documents and pack them into train/<source>/ and valid/<source>/ shards."""
     dtype = token_dtype(vocab_size)
     sample_len = cfg.shards.seq_len + 1
     packers: dict[str, Packer] = {}
@@ -285,7 +286,6 @@ def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size
             packers[name] = Packer(ShardWriter(out / name, sample_len, dtype, cfg.shards.samples_per_shard), pad_id)
         return packers[name]
 
-    packer("train")
     total = sum(c["documents"] for s in stats.counts.values() for c in s.values())
     pool = _pool(workers, _init_tokenize, (str(model_path), dtype.name))
     bar = tqdm(total=total, desc="tokenize+pack", unit=" docs", disable=not progress)
@@ -302,7 +302,7 @@ def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size
             docs = pending.popleft()
             for doc, tokens in zip(docs, token_arrays):
                 split, source = doc["split"], doc["source"]
-                packer("train" if split == "train" else f"valid/{source}").add(doc["id"], source, tokens)
+                packer(f"{split}/{source}").add(doc["id"], source, tokens)
                 stats.counts[source][split]["tokens"] += len(tokens)
             bar.update(len(docs))
     finally:

@@ -1,6 +1,6 @@
 """Packed token samples in webdataset `.tar` shards, with an index for O(1) random access.
 
-On disk, one directory per split (`train/`, `valid/<source>/`):
+On disk, one directory per split and source (`train/<source>/`, `valid/<source>/`):
   shard-000000.tar …  webdataset shards; sample i is the members `{i:09d}.meta.json` and
                       `{i:09d}.tokens.npy` (a 1-D array of `sample_len` tokens, uint16 or uint32)
   index.npy           one record per sample: shard number, byte offset of the token data inside
@@ -47,9 +47,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def data_identity(data_path: str | Path, manifest: dict[str, Any]) -> str:
     """What the training data *is*, not where it lies: a digest of the training shards' sha256s (their
-    index.json), the vocabulary and the tokenizer's hash. Moving or copying the shards keeps it."""
-    shards = json.loads((Path(data_path) / "train" / "index.json").read_text())["shards"]
-    ident = {"shards": [(s["samples"], s["sha256"]) for s in shards], "vocab_size": manifest.get("vocab_size"),
+    index.json files), the vocabulary and the tokenizer's hash. Moving or copying the shards keeps it."""
+    train = TrainSplit(data_path)
+    shards = [(name, s["samples"], s["sha256"]) for name, r in train.readers.items() for s in r.info["shards"]]
+    ident = {"shards": shards, "vocab_size": manifest.get("vocab_size"),
              "pad_id": manifest.get("pad_id"), "tokenizer": manifest.get("tokenizer", {}).get("sha256")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -156,7 +157,7 @@ class Packer:
 
 
 class ShardReader:
-    """Random access to the samples of one split directory (`train/` or `valid/<source>/`)."""
+    """Random access to the samples of one split directory (`train/<source>/` or `valid/<source>/`)."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -216,3 +217,54 @@ class ShardReader:
             self.close()
         except Exception:
             pass
+
+
+class TrainSplit:
+    """The training samples of all sources (``train/<source>/``), in one index space: sources in name
+    order, so sample ``offsets[s] + i`` is sample ``i`` of source ``s``. Shard sets of the old layout (one
+    ``train/`` for all sources) are refused with the command that re-prepares them."""
+
+    def __init__(self, data_path: str | Path):
+        from pretrain.config import ConfigError
+
+        train = Path(data_path) / "train"
+        if (train / "index.json").exists():
+            raise ConfigError(f"data.path={data_path}: shards of the old layout (one train/ for all sources); "
+                              f"re-prepare them per source: gal-prepare input=<your JSONL> output={data_path} overwrite=true")
+        dirs = sorted(d for d in train.iterdir() if (d / "index.json").exists()) if train.is_dir() else []
+        if not dirs:
+            raise ConfigError(f"data.path={data_path}: no training shards under train/<source>/; prepare them with gal-prepare")
+        self.readers = {d.name: ShardReader(d) for d in dirs}
+        self.sample_len = next(iter(self.readers.values())).sample_len
+        self.offsets, start = {}, 0
+        for name, r in self.readers.items():
+            if r.sample_len != self.sample_len:
+                raise ConfigError(f"{r.dir}: samples of {r.sample_len} tokens, the other sources have {self.sample_len}")
+            self.offsets[name], start = start, start + len(r)
+        self._starts = np.array(list(self.offsets.values()))
+        self._names = list(self.readers)
+        self.num_samples = start
+
+    @property
+    def sources(self) -> list[str]:
+        return self._names
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(r) for name, r in self.readers.items()}
+
+    def ids(self, source: str) -> np.ndarray:
+        """The global indices of one source's samples."""
+        return self.offsets[source] + np.arange(len(self.readers[source]))
+
+    def locate(self, i: int) -> tuple[str, int]:
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        return self._names[k], i - int(self._starts[k])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"training sample {i} out of range: {self.num_samples} samples")
+        source, j = self.locate(int(i))
+        return self.readers[source][j]

@@ -6,12 +6,16 @@ again after it (epoch-wise double descent). To see that while a run goes, a roun
 * every ``validation.interval_tokens`` tokens, by default ``validation.rounds_per_epoch`` (16) evenly
   spaced rounds an epoch (``reason="interval"``),
 * at every epoch boundary (``"epoch_boundary"``),
-* at ``validation.after_boundary_points`` extra points in the first ``after_boundary_tokens`` after
+* at ``validation.after_boundary_points`` (4) extra points in the first ``after_boundary_tokens`` after
   each boundary (``"after_boundary"``), where the effect shows first.
 
-A round evaluates every held-out set of the shards (``valid/<source>/``), a token-weighted
-``aggregate`` of them, and ``seen``: a fixed sample of training sequences (the same ones every
-round, chosen by the data seed), whose loss against the held-out loss is the memorisation gap.
+That is the density the double-descent detector needs (tests/test_doubledescent_rates.py). The epoch is
+the fastest-cycling source's (pretrain/data/loader.py). A round evaluates every held-out set of the
+shards (``valid/<source>``) and their token-weighted ``aggregate``, and ``seen/<stream>``: fixed samples
+of each source's training stream (``seen``: their aggregate) and of the repeated subset
+(``seen/repeated``), whose loss against the held-out loss is the memorisation gap. The sets are fixed
+seeded subsets sized so that a round costs at most ``validation.max_cost`` (5%) of the training compute
+between rounds; ``validation_s`` in each round's record measures it.
 Evaluation is data-parallel (each DP rank takes a slice; sums are all-reduced) and tensor-parallel
 like training, in eval mode (no dropout), deterministic. With ``validation.probes`` a round also runs
 the chemistry probes (pretrain/evaluation/probes.py: SMILES → formula exact match, SMILES validity).
@@ -19,7 +23,9 @@ The rounds' parallel rules (eval mode, DP split, equal forwards) are pretrain/ev
 """
 from __future__ import annotations
 
+import math
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +34,8 @@ import torch.distributed as dist
 
 from model.config import IGNORE_INDEX
 from pretrain.config import ValidationConf
-from pretrain.data.loader import SEEN_SAMPLE_STREAM, epochs_completed, make_batch
+from pretrain.data.loader import (REPEATED, SEEN_SAMPLE_STREAM, RandomAccessSamples, Stream, epochs_completed,
+                                  make_batch)
 from pretrain.data.shards import ShardReader
 from pretrain.evaluation import lockstep
 from pretrain.evaluation.probes import ChemistryProbes
@@ -43,6 +50,12 @@ class ValidationSchedule:
         after = conf.after_boundary_tokens or (self.interval // 2 if self.interval else tokens_per_epoch // 10)
         points = conf.after_boundary_points
         self.after_offsets = [after * (k + 1) // points for k in range(points)]  # evenly in (0, after]
+
+    @property
+    def tokens_between_rounds(self) -> float:
+        """Training tokens per round, on average over an epoch (what a round's cost budget is set from)."""
+        rounds = (self.tokens_per_epoch / self.interval if self.interval else 1) + len(self.after_offsets)
+        return self.tokens_per_epoch / rounds
 
     def reason(self, before: int, after: int) -> str | None:
         """Why a round is due after a step that moved tokens_seen from ``before`` to ``after``."""
@@ -61,17 +74,27 @@ class ValidationSchedule:
 
 
 class Validator:
-    def __init__(self, conf: ValidationConf, data_path: Path, manifest: dict, train: ShardReader, *, seed: int):
+    """The sets a round evaluates, fixed at start (the same samples every round, chosen by the data seed):
+    ``valid/<source>`` (held-out), ``seen/<stream>`` (training samples of each source's stream and of the
+    repeated subset). A round costs at most ``validation.max_cost`` of the training compute between
+    rounds (a forward is a third of a training step's): each set gets an equal share of that many
+    samples, at least one micro-batch, at most ``max_samples_per_source`` / ``seen_samples``."""
+
+    def __init__(self, conf: ValidationConf, data_path: Path, manifest: dict, train: RandomAccessSamples,
+                 streams: list[Stream], *, seed: int, seq_len: int, tokens_between_rounds: float | None):
         self.conf, self.pad_id = conf, manifest.get("pad_id", 1)
         valid = Path(data_path) / "valid"
-        self.sets: dict[str, tuple[ShardReader, np.ndarray]] = {}
-        for d in sorted(p for p in valid.iterdir() if (p / "index.json").exists()) if valid.is_dir() else []:
+        dirs = sorted(p for p in valid.iterdir() if (p / "index.json").exists()) if valid.is_dir() else []
+        n_sets = len(dirs) + len(streams)
+        budget = (math.inf if not tokens_between_rounds or conf.max_cost is None
+                  else 3 * conf.max_cost * tokens_between_rounds / seq_len)
+        self.per_set = max(conf.micro_batch_size, int(budget // n_sets)) if math.isfinite(budget) else None
+        self.sets: dict[str, tuple[RandomAccessSamples, np.ndarray]] = {}
+        for d in dirs:
             reader = ShardReader(d)
-            n = len(reader) if conf.max_samples_per_source is None else min(len(reader), conf.max_samples_per_source)
-            self.sets[d.name] = (reader, np.arange(n))
-        probe = np.random.default_rng([seed, SEEN_SAMPLE_STREAM]).choice(
-            len(train), min(conf.seen_samples, len(train)), replace=False)
-        self.sets["seen"] = (train, np.sort(probe))
+            self.sets[d.name] = (reader, self._pick(np.arange(len(reader)), conf.max_samples_per_source, seed, d.name))
+        for s in streams:
+            self.sets[f"seen/{s.name}"] = (train, self._pick(s.ids, conf.seen_samples, seed, s.name))
         self.probes = None
         if conf.enabled and conf.probes:
             self.probes = ChemistryProbes(conf, data_path, manifest, seed=seed)
@@ -80,13 +103,27 @@ class Validator:
                       "with a formula (no molecules source, or shards from an older gal-prepare): "
                       "formula_exact_match will be null", file=sys.stderr)
 
+    def _pick(self, ids: np.ndarray, cap: int | None, seed: int, name: str) -> np.ndarray:
+        """A fixed seeded subset of ``ids``: the round budget's share, within ``cap``."""
+        n = min(len(ids), *(c for c in (cap, self.per_set) if c is not None))
+        if n == len(ids):
+            return np.asarray(ids)
+        rng = np.random.default_rng([seed, SEEN_SAMPLE_STREAM, zlib.crc32(name.encode())])
+        return np.sort(rng.choice(ids, n, replace=False))
+
     @property
     def held_out(self) -> list[str]:
-        return [s for s in self.sets if s != "seen"]
+        return [s for s in self.sets if not s.startswith("seen/")]
+
+    @property
+    def seen_sources(self) -> list[str]:
+        """The sources' own streams (the repeated subset's memorisation is its own series)."""
+        return [s for s in self.sets if s.startswith("seen/") and s != f"seen/{REPEATED}"]
 
     @torch.no_grad()
     def run(self, engine, device) -> dict:
-        """One round: {"losses": {set: mean loss}, "tokens": {set: target tokens}} on every rank."""
+        """One round: {"losses": {set: mean loss}, "tokens": {set: target tokens}} on every rank, with
+        ``aggregate`` (held-out) and ``seen`` (the sources' seen sets) token-weighted over their sets."""
         sums = torch.zeros(len(self.sets), 2, dtype=torch.float64)
         mb = self.conf.micro_batch_size
         with lockstep.eval_mode(engine):
@@ -104,11 +141,11 @@ class Validator:
         sums = lockstep.sum_over_ranks(sums, device)
         losses = {name: float(s / n) if n else None for name, (s, n) in zip(self.sets, sums.tolist())}
         tokens = {name: int(n) for name, (_, n) in zip(self.sets, sums.tolist())}
-        held = [s for s in self.held_out if tokens[s]]
-        if held:
-            total = sum(tokens[s] for s in held)
-            losses["aggregate"] = sum(losses[s] * tokens[s] for s in held) / total
-            tokens["aggregate"] = total
+        for combined, parts in (("aggregate", self.held_out), ("seen", self.seen_sources)):
+            parts = [s for s in parts if tokens[s]]
+            if parts:
+                tokens[combined] = sum(tokens[s] for s in parts)
+                losses[combined] = sum(losses[s] * tokens[s] for s in parts) / tokens[combined]
         result = {"losses": losses, "tokens": tokens}
         if self.probes is not None:
             result["probes"] = self.probes.run(engine, device)

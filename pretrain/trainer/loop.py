@@ -74,8 +74,8 @@ def log_step(run: Run, result: StepResult, batches) -> None:
     state, loader = run.state, run.loader
     tps, mfu = run.timer.read()
     row = {"step": state.step, "tokens_seen": state.tokens_seen, "epoch": loader.epoch,
-           "unique_tokens_seen": min(loader.consumed_samples, loader.num_samples) * run.shapes.seq_len,
-           "repeat": float(sum(b.epochs.mean() for b in batches) / len(batches)),
+           "unique_tokens_seen": loader.unique_samples_seen() * run.shapes.seq_len,
+           "repeat": float(sum(b.epochs.mean() for b in batches) / len(batches)), **loader.accounting(run.shapes.seq_len),
            "loss": result.loss, "lr": result.lr, "grad_norm": _grad_norm(run.engine),
            "tokens_per_s": tps, "mfu": mfu, "skipped_steps": state.skipped_steps}
     if result.skipped:

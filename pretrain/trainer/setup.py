@@ -23,8 +23,8 @@ from model.config import GalacticaConfig
 from model.transformer import GalacticaLM
 from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, config_hash, global_batch_samples, model_config,
                              model_shape, validate)
-from pretrain.data.loader import EpochLoader
-from pretrain.data.shards import ShardReader, data_identity, read_manifest
+from pretrain.data.loader import EpochLoader, Stream, plan_streams, samples_per_epoch
+from pretrain.data.shards import TrainSplit, data_identity, read_manifest
 from pretrain.evaluation.validation import ValidationSchedule, Validator
 from pretrain.trainer import checkpoint, engine as ds_engine
 from pretrain.trainer.faults import Drills
@@ -41,7 +41,7 @@ class Shapes:
     """The run's batch arithmetic, fixed by the config, the shards and the world size."""
 
     seq_len: int
-    num_samples: int  # training samples in one epoch
+    num_samples: int  # global samples in one epoch (of the fastest-cycling source: pretrain/data/loader.py)
     global_batch: int  # sequences per optimizer step (all ranks)
     grad_accum: int  # micro-steps per optimizer step on each rank
     total_steps: int
@@ -59,7 +59,8 @@ class Shapes:
 class Data:
     path: Path
     manifest: dict
-    train: ShardReader
+    train: TrainSplit
+    streams: list[Stream]  # the mixture (data.mixture, data.repeat) over train's sources
 
 
 def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes]:
@@ -70,17 +71,22 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
                    gpus=pick_device(cfg, env).type == "cuda")
     path = Path(cfg.data.path)
     manifest = read_manifest(path)
-    train = ShardReader(path / "train")
+    train = TrainSplit(path)
+    r = cfg.data.repeat
+    streams = plan_streams({name: train.ids(name) for name in train.sources}, mixture=cfg.data.mixture,
+                           repeat_source=r.source, repeat_samples=r.samples, repeat_fraction=r.fraction,
+                           seed=cfg.data.seed)
     seq_len = train.sample_len - 1
     model_cfg = model_config(cfg, manifest)
     validate(cfg, seq_len=seq_len, model_cfg=model_cfg, world_size=world_size)
     t = cfg.trainer
     gbs = global_batch_samples(t.global_batch_tokens, seq_len)
-    total_tokens = t.max_tokens or int(t.max_epochs * len(train) * seq_len)
-    shapes = Shapes(seq_len=seq_len, num_samples=len(train), global_batch=gbs,
+    per_epoch = samples_per_epoch(streams)
+    total_tokens = t.max_tokens or int(t.max_epochs * per_epoch * seq_len)
+    shapes = Shapes(seq_len=seq_len, num_samples=per_epoch, global_batch=gbs,
                     grad_accum=gbs // (t.micro_batch_size * (world_size // t.tensor_parallel)),
                     total_steps=max(1, math.ceil(total_tokens / (gbs * seq_len))))
-    return Data(path, manifest, train), model_cfg, shapes
+    return Data(path, manifest, train, streams), model_cfg, shapes
 
 
 def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -201,7 +207,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
     universal = saved_layout(cfg, model_cfg, start)
     engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
-    loader = EpochLoader(data.train, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
+    loader = EpochLoader(data.train, data.streams, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
                          dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
                          pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
     cfg_hash = config_hash(cfg, data_identity(data.path, data.manifest))
@@ -220,9 +226,11 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                   seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
                   train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
                   drills=drills.active)
+    schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
+    validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,
+                          seq_len=shapes.seq_len, tokens_between_rounds=schedule.tokens_between_rounds)
     return Run(cfg=cfg, model_cfg=model_cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
-               validator=Validator(cfg.validation, data.path, data.manifest, data.train, seed=cfg.data.seed),
-               schedule=ValidationSchedule(cfg.validation, shapes.tokens_per_epoch), state=state,
+               validator=validator, schedule=schedule, state=state,
                guard=LossGuard(cfg.trainer, state), preemption=Preemption(), drills=drills, metrics=metrics,
                timer=StepTimer(info.flops_per_token, peak, dist.get_world_size()),
                sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
