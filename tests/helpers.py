@@ -120,6 +120,20 @@ def train(nproc, run_dir, shards, *overrides, expect=0, extra_env=None):
     return proc
 
 
+def wandb_records(run_file: Path) -> list[dict]:
+    """The records of an offline wandb run file, read back with wandb's own reader (`wandb leet inspect`)."""
+    out = subprocess.run([str(BIN / "wandb"), "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120, env=train_env())
+    assert out.returncode == 0, out.stderr
+    assert "WANDB_API_KEY" not in out.stdout and "api_key" not in out.stdout.lower()
+    return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history rows (one per wandb.log call) of an offline wandb run file."""
+    return [r["history"]["item"] for r in wandb_records(run_file) if r["type"] == "history"]
+
+
 def steps(run_dir: Path) -> list[dict]:
     """The step rows of ``run_dir/metrics.jsonl``."""
     from pretrain.analysis.records import read_metrics

@@ -86,7 +86,7 @@ def test_the_axis_is_the_one_swept_key_or_must_be_named(sweep, tmp_path):
     with pytest.raises(ValueError, match="2 swept keys .*--axis"):
         analyse(sweep)
     assert analyse(sweep, "data.repeat_times").x == [1.0, 16.0, 64.0, 256.0]
-    with pytest.raises(ValueError, match="--axis seed: not swept"):
+    with pytest.raises(ValueError, match="--axis seed: neither swept"):
         analyse(sweep, "seed")
     with pytest.raises(SystemExit, match="gal-report: error: .*--axis"):
         main([str(sweep)])

@@ -1,4 +1,5 @@
-"""Validation rounds in a real 3-epoch run on real (small) shards, and the report built from them."""
+"""Validation rounds in a real 3-epoch run at the default schedule on real (small) shards, and the report
+built from them."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import BIN, REPO, torchrun
+from helpers import BIN, REPO, torchrun, wandb_history
 from pretrain.analysis.records import read_metrics
 
 # every test needs the module's 3-epoch training run (gal-prepare, then gal-train)
@@ -25,8 +26,7 @@ def three_epochs(tmp_path_factory):
     assert prep.returncode == 0, prep.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", f"data.path={shards}", f"run_dir={run}",
                            "model=tiny-2l", "trainer.global_batch_tokens=4096", "trainer.micro_batch_size=8", "trainer.max_epochs=3",
-                           "optim.warmup_tokens=8192", "validation.interval_tokens=16384",
-                           "validation.seen_samples=16", "logger.wandb=false"],
+                           "optim.warmup_tokens=8192", "validation.seen_samples=16", "logger.wandb=true"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return shards, run
@@ -42,17 +42,23 @@ def test_rounds_at_every_epoch_boundary_per_source_and_seen(three_epochs):
     assert [r["repeat"] for r in boundary] == [1, 2, 3]  # after epochs 1, 2 and 3
     ends = [e["step"] for e in rows if e.get("event") == "epoch_end"]
     assert [r["step"] for r in boundary] == ends
+    seen = [f"seen/{s}" for s in sources]
     for r in rounds:
-        assert set(r["losses"]) == {*sources, "aggregate", "seen"}
-        held = sum(r["losses"][s] * r["tokens"][s] for s in sources) / sum(r["tokens"][s] for s in sources)
-        assert r["losses"]["aggregate"] == pytest.approx(held)
-        assert 15 * 128 < r["tokens"]["seen"] <= 16 * 128  # the probe: 16 training sequences
-    # every held-out target token is evaluated once: samples × 128 targets, minus the padding
+        assert set(r["losses"]) == {*sources, "aggregate", *seen, "seen"}
+        for combined, parts in (("aggregate", sources), ("seen", seen)):
+            mean = sum(r["losses"][s] * r["tokens"][s] for s in parts) / sum(r["tokens"][s] for s in parts)
+            assert r["losses"][combined] == pytest.approx(mean)
+        assert r["tokens"] == rounds[0]["tokens"]  # the same fixed samples every round
+    # the fixed sets are the round budget's equal shares (at least a micro-batch of 4), within the held-out sets
     manifest = json.loads((shards / "manifest.json").read_text())
     for s in sources:
+        assert 3 * 128 < rounds[0]["tokens"][f"seen/{s}"] <= 16 * 128
         split = manifest["splits"][f"valid/{s}"]
-        assert rounds[0]["tokens"][s] == split["samples"] * 128 - split["pad_tokens"]
-    assert [r["reason"] for r in rounds].count("after_boundary") == 2 * 2  # two points after epochs 1 and 2
+        at_least = min(4, split["samples"]) * 128 - split["pad_tokens"]
+        assert at_least <= rounds[0]["tokens"][s] <= split["samples"] * 128
+    # 16 rounds an epoch (20 steps an epoch: the 4 after-boundary points fall inside the boundary's step)
+    for epoch in range(3):
+        assert sum(1 for r in rounds if epoch * 20 < r["step"] <= (epoch + 1) * 20 + 1) >= 16
     assert all(r["validation_s"] > 0 for r in rounds)  # what each round cost
     assert any(r["reason"] == "interval" for r in rounds)
     # the model learns: held-out and seen losses at the last boundary are below the first round's
@@ -60,12 +66,17 @@ def test_rounds_at_every_epoch_boundary_per_source_and_seen(three_epochs):
     assert boundary[-1]["losses"]["seen"] < rounds[0]["losses"]["seen"]
 
 
-def test_online_detection_events_and_the_report(three_epochs):
+def test_online_detection_events_in_metrics_and_wandb_and_the_report(three_epochs):
     _, run = three_epochs
     rows = read_metrics(run / "metrics.jsonl")
     verdicts = [r for r in rows if r.get("event") == "double_descent"]
     assert verdicts and all(v["series"] == "aggregate" and v["epoch"] in (1, 2, 3) for v in verdicts)
-    assert {v["shape"] for v in verdicts} <= {"monotone", "plateau", "descent_ascent_descent", "ascending"}
+    assert all(v["shape"] != "too_short" for v in verdicts)  # the default schedule gives the detector its rounds
+    (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    logged = [h for h in history if "double_descent/epoch" in h]
+    assert [h["double_descent/epoch"] for h in logged] == [v["epoch"] for v in verdicts]
+    assert any("source_tokens/docstrings" in h for h in history)  # nested step fields, flattened
 
     proc = subprocess.run([sys.executable, "-m", "pretrain.report", str(run)], cwd=REPO, capture_output=True,
                           text=True, timeout=300)

@@ -121,3 +121,44 @@ def test_no_points_after_the_boundary():
     conf = explicit(interval_tokens=500, after_boundary_points=0)
     assert rounds(conf, 100, 2 * EPOCH) == [(500, "interval"), (1000, "epoch_boundary"), (1500, "interval"),
                                             (2000, "epoch_boundary")]
+
+
+def test_a_round_costs_at_most_max_cost_of_the_training_between_rounds(tmp_path):
+    """The fixed sets: equal shares of 3 × max_cost × tokens between rounds (a forward is a third of a training
+    step), at least one micro-batch each, within seen_samples and the held-out set's size."""
+    import numpy as np
+
+    from helpers import synthetic_shards
+    from pretrain.data.loader import plan_streams
+    from pretrain.data.shards import ShardWriter, TrainSplit
+    from pretrain.evaluation.validation import Validator
+
+    root = synthetic_shards(tmp_path, seq_len=8, n_samples={"a": 300, "b": 100})
+    for source, n in (("a", 50), ("b", 500)):
+        w = ShardWriter(root / "valid" / source, 9, np.uint16)
+        for i in range(n):
+            w.write(np.full(9, 5, np.uint16), {"doc_ids": [f"v{i}"], "sources": [source], "doc_starts": [0], "pad_tokens": 0})
+        w.close()
+    train = TrainSplit(root)
+    streams = plan_streams({s: train.ids(s) for s in train.sources}, repeat_source="a", repeat_samples=10,
+                           repeat_fraction=0.2)
+    sched = ValidationSchedule(ValidationConf(), 16 * 4000)  # 4,000 samples of 8 tokens an epoch (20 rounds)
+
+    def sizes(**kw):
+        v = Validator(ValidationConf(**kw), root, {"pad_id": 1}, train, streams, seed=1, seq_len=8,
+                      tokens_between_rounds=sched.tokens_between_rounds)
+        return {name: len(ids) for name, (_, ids) in v.sets.items()}
+
+    # 3 × 0.05 × 3,200 tokens / 8 = 60 samples a round over 5 sets: 12 each
+    assert sizes() == {"a": 12, "b": 12, "seen/a": 12, "seen/b": 12, "seen/repeated": 10}
+    assert sizes(max_cost=0.5) == {"a": 50, "b": 120, "seen/a": 32, "seen/b": 32, "seen/repeated": 10}
+    assert sizes(max_cost=0.001)["b"] == 4  # at least a micro-batch
+    assert sizes(max_cost=None, max_samples_per_source=200) == {"a": 50, "b": 200, "seen/a": 32, "seen/b": 32,
+                                                                 "seen/repeated": 10}
+    # fixed: the same samples for the same seed, other ones for another
+    v1 = Validator(ValidationConf(), root, {"pad_id": 1}, train, streams, seed=1, seq_len=8, tokens_between_rounds=3200)
+    v2 = Validator(ValidationConf(), root, {"pad_id": 1}, train, streams, seed=1, seq_len=8, tokens_between_rounds=3200)
+    v3 = Validator(ValidationConf(), root, {"pad_id": 1}, train, streams, seed=2, seq_len=8, tokens_between_rounds=3200)
+    assert all(np.array_equal(v1.sets[k][1], v2.sets[k][1]) for k in v1.sets)
+    assert not np.array_equal(v1.sets["b"][1], v3.sets["b"][1])
+    assert set(v1.sets["seen/repeated"][1]) == set(streams[-1].ids)

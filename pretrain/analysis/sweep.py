@@ -7,12 +7,15 @@ the shape of ``final loss(x)`` over the swept key ``x``, not about one run's cur
 
 A *sweep directory* is what ``gal-train -m KEY=a,b,c`` writes (conf/config.yaml: ``${run_dir}/<job
 number>/``): one run directory per point, each with ``metrics.jsonl`` and Hydra's
-``.hydra/overrides.yaml``. The swept keys are the overrides whose values differ between points.
+``.hydra/overrides.yaml``. The swept keys are the overrides whose values differ between points. The
+axis may also be a field of the points' last step row (``--axis repeated_passes``: how often a repeated
+subset was seen, whatever its size and the run's length; ``source_epochs.arxiv`` for a nested one).
 
 Definitions (:func:`detect_axis`; thresholds are fields of :class:`AxisConfig`):
 
 * **Final loss** of a point: the mean held-out loss of its last ``final_rounds`` validation rounds
-  (``series``, default the token-weighted aggregate).
+  (``series``, default the token-weighted aggregate). Its **final seen loss** is the same mean of
+  ``seen/repeated`` (the repeated subset) where the run has one, else of ``seen``.
 * **Noise** ``sigma`` of a final loss: the round-to-round noise of the point's curve
   (:func:`pretrain.analysis.doubledescent.noise_level`, pooled over its epochs) divided by
   sqrt(``final_rounds``); the axis' ``sigma`` is the root mean square over the points (at least
@@ -102,6 +105,19 @@ def swept_keys(points: list[Point]) -> list[str]:
     return [k for k in keys if len({p.overrides.get(k) for p in points}) > 1]
 
 
+def metric_value(rows: list[dict], key: str):
+    """``key`` (dotted for a nested field) in the last step row that has it, or None."""
+    for r in reversed(rows):
+        if "event" in r:
+            continue
+        node = r
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return None
+
+
 def _axis_values(values: list[str]) -> list:
     try:
         return [float(v) for v in values]
@@ -115,7 +131,8 @@ def final_loss(rows: list[dict], series: str, rounds: int) -> tuple[float | None
     if not valid:
         return None, None, math.nan
     last = valid[-rounds:]
-    seen = [r["losses"].get("seen") for r in last]
+    seen_series = "seen/repeated" if last[-1]["losses"].get("seen/repeated") is not None else "seen"
+    seen = [r["losses"].get(seen_series) for r in last]
     result = doubledescent.from_metrics(rows, series)
     return (float(np.mean([r["losses"][series] for r in last])),
             None if None in seen else float(np.mean(seen)), result.noise / math.sqrt(len(last)))
@@ -157,13 +174,14 @@ def analyse(sweep_dir: Path, key: str | None = None, series: str = "aggregate",
             raise ValueError(f"{sweep_dir}: {len(keys)} swept keys ({', '.join(keys) or 'none'}); "
                              "name the axis with --axis KEY")
         key = keys[0]
-    elif key not in keys:
-        raise ValueError(f"--axis {key}: not swept in {sweep_dir} (swept: {', '.join(keys) or 'none'})")
+    elif key not in keys and any(metric_value(p.rows, key) is None for p in points):
+        raise ValueError(f"--axis {key}: neither swept in {sweep_dir} (swept: {', '.join(keys) or 'none'}) "
+                         "nor a field of every point's step rows")
     finals = [final_loss(p.rows, series, c.final_rounds) for p in points]
     kept = [(p, f) for p, f in zip(points, finals) if f[0] is not None]
     if not kept:
         raise ValueError(f"{sweep_dir}: no point has a validation round with a {series!r} loss")
-    x = _axis_values([p.overrides[key] for p, _ in kept])
+    x = _axis_values([p.overrides[key] if key in keys else metric_value(p.rows, key) for p, _ in kept])
     found = detect_axis(x, [f[0] for _, f in kept], [f[2] for _, f in kept], c)
     o = found["order"]
     return AxisResult(key=key, x=[x[i] for i in o], final_loss=[kept[i][1][0] for i in o],
@@ -205,7 +223,8 @@ def plot(result: AxisResult, points_rows: dict[str, list[dict]], path: Path, ser
     seen = [(x, s) for x, s in zip(xs, result.final_seen) if s is not None]
     if seen:  # on its own scale: memorisation moves it far more than the held-out loss
         twin = ax.twinx()
-        twin.plot(*zip(*seen), color="tab:orange", marker="s", ls="--", label="seen (final, right axis)")
+        twin.plot(*zip(*seen), color="tab:orange", marker="s", ls="--",
+                  label="seen (repeated subset where there is one; final, right axis)")
         twin.set_ylabel("seen loss (nats/token)", color="tab:orange")
         twin.tick_params(axis="y", colors="tab:orange")
         twin.legend(fontsize=8, loc="lower right")

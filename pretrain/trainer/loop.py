@@ -94,7 +94,7 @@ def validation_round(run: Run, reason: str) -> None:
                            **result)
     verdict = run.watch.update() if run.watch is not None else None
     if verdict:
-        run.metrics.event("double_descent", step=state.step, tokens_seen=state.tokens_seen,
+        run.metrics.event("double_descent", to_wandb=True, step=state.step, tokens_seen=state.tokens_seen,
                           series="aggregate", **verdict)
 
 

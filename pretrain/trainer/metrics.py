@@ -54,13 +54,17 @@ class Metrics:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self.file.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None})
+            self.wandb_run.log(_numbers(row))
 
-    def event(self, name: str, **fields) -> None:
-        """A marker (start, epoch_end, checkpoint, ...): metrics.jsonl and the console, not wandb history."""
+    def event(self, name: str, *, to_wandb: bool = False, **fields) -> None:
+        """A marker (start, epoch_end, checkpoint, ...): metrics.jsonl and the console; with ``to_wandb``
+        also wandb (``<name>/<field>`` numbers in the history, and the event in the run summary)."""
         if not self.enabled:
             return
         self.file.write(json.dumps({"event": name, **fields}) + "\n")
+        if to_wandb and self.wandb_run is not None:
+            self.wandb_run.log({"tokens_seen": fields.get("tokens_seen"), **_numbers(fields, f"{name}/")})
+            self.wandb_run.summary[f"{name}/last"] = fields
         if self.console is not None:
             self.console.print(f"[bold]{name}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
 
@@ -97,6 +101,17 @@ class Metrics:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _numbers(row: dict, prefix: str = "") -> dict:
+    """The numeric fields of a row, nested dicts flattened to ``key/sub`` (wandb charts numbers only)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _init_wandb(run_dir: Path, config: dict, project: str, group: str | None, name: str | None):
