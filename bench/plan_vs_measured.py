@@ -37,7 +37,7 @@ MIB = 2**20
 
 def make_shards(root: Path, seq_len: int, n: int = 16, vocab: int = 50000) -> Path:
     rng = np.random.default_rng(0)
-    w = ShardWriter(root / "train", seq_len + 1, np.uint16, samples_per_shard=n)
+    w = ShardWriter(root / "train" / "syn", seq_len + 1, np.uint16, samples_per_shard=n)
     for i in range(n):
         w.write(rng.integers(4, vocab, seq_len + 1).astype(np.uint16),
                 {"doc_ids": [f"d{i}"], "sources": ["syn"], "doc_starts": [0], "pad_tokens": 0})

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="gal-prepare output dir (manifest.json, train/); default: prepare the sample")
+    p.add_argument("--data", help="gal-prepare output dir (manifest.json, train/<source>/); default: prepare the sample")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
@@ -72,7 +72,7 @@ def worker(args) -> None:
     from model.config import GalacticaConfig
     from pretrain.config import TrainConfig
     from pretrain.data.loader import EpochLoader
-    from pretrain.data.shards import ShardReader
+    from pretrain.data.shards import TrainSplit
     from pretrain.trainer import engine as ds_engine
     from pretrain.trainer.faults import Drills
     from pretrain.trainer.guards import LossGuard, Preemption, TrainState
@@ -88,7 +88,7 @@ def worker(args) -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     if args.vocab < manifest["vocab_size"]:
         raise SystemExit(f"--vocab {args.vocab} is below the shards' tokenizer vocabulary {manifest['vocab_size']}")
-    samples = ShardReader(data / "train")
+    samples = TrainSplit(data)
     seq_len = samples.sample_len - 1
     mb, gbs = args.micro_batch, args.global_batch
     if gbs % (mb * world):

@@ -168,15 +168,17 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
         if train:
             ax.plot([r["tokens_seen"] * scale for r in train], [r["loss"] for r in train], color="grey",
                     alpha=0.25, lw=0.8, label="train (batch)")
-        for s in series + ["seen"]:
+        seen_labels = {"seen": "seen (trained-on samples)", "seen/repeated": "seen: the repeated subset"}
+        for s in series + list(seen_labels):
             pts = [(r["tokens_seen"] * scale, r["losses"][s]) for r in valid if r["losses"].get(s) is not None]
             if not pts:
                 continue
             x, y = zip(*pts)
             main = s == "aggregate"
-            ax.plot(x, y, lw=2.5 if main else 1.0, ls="--" if s == "seen" else "-",
-                    color=colors.get(s, "tab:gray"), marker="." if len(x) < 60 else None,
-                    ms=3, label=f"held-out {s}" if s != "seen" else "seen (trained-on sample)", zorder=3 if main else 2)
+            ax.plot(x, y, lw=2.5 if main else 1.0, ls="--" if s in seen_labels else "-",
+                    color=colors.get(s, "tab:red" if s == "seen/repeated" else "tab:gray"),
+                    marker="." if len(x) < 60 else None, ms=3, label=seen_labels.get(s, f"held-out {s}"),
+                    zorder=3 if main else 2)
         for s in series:
             curve = {r["tokens_seen"]: r["losses"][s] for r in valid if r["losses"].get(s) is not None}
             size = 80 if s == "aggregate" else 30

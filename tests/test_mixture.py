@@ -138,3 +138,9 @@ def test_train_split_indexes_sources_in_name_order_and_refuses_the_old_layout(tm
     w.close()
     with pytest.raises(ConfigError, match=r"old layout .* gal-prepare input=<your JSONL> output=.*old overwrite=true"):
         TrainSplit(old)
+
+
+def test_the_plan_does_not_depend_on_the_order_the_mixture_is_written_in():
+    a = plan_streams(SOURCES, mixture={"arxiv": 0.8, "proteins": 0.2})
+    b = plan_streams(SOURCES, mixture={"proteins": 0.2, "arxiv": 0.8})
+    assert [(s.name, s.weight) for s in a] == [(s.name, s.weight) for s in b]

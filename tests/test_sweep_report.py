@@ -96,3 +96,32 @@ def test_a_sweep_point_without_hydra_overrides_is_named(sweep):
     (sweep / "1" / ".hydra" / "overrides.yaml").unlink()
     with pytest.raises(ValueError, match=r"1/\.hydra/overrides\.yaml is missing"):
         load_points(sweep)
+
+
+@pytest.mark.trainer
+def test_gal_report_on_a_real_three_point_multirun_of_repeated_subsets(tmp_path):
+    """gal-train -m (Hydra's basic launcher, one point after another) over data.repeat.samples, then
+    gal-report SWEEP_DIR along the measured repeated_passes: the figure, the summary, every point's curve."""
+    import subprocess
+
+    from helpers import BIN, REPO, TRAIN_COMMON, synthetic_shards, train_env
+
+    shards = synthetic_shards(tmp_path / "shards", 32, {"big": 40, "small": 12})
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run([str(BIN / "gal-train"), "-m", f"data.path={shards}", f"run_dir={sweep_dir}", *TRAIN_COMMON,
+                           "logger.wandb=false", "logger.console=false", "trainer.max_tokens=1536",
+                           "validation.interval_tokens=256", "data.repeat.source=big", "data.repeat.fraction=0.5",
+                           "data.repeat.samples=1,3,12"],
+                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0", "1", "2"]
+    proc = subprocess.run([str(BIN / "gal-report"), str(sweep_dir), "--axis", "repeated_passes"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep_dir / "report" / "summary.json").read_text())
+    # 12 steps × 4 samples, half of them from the subset: 24 draws over 12, 3 and 1 samples
+    assert summary["key"] == "repeated_passes" and summary["x"] == [2.0, 8.0, 24.0]
+    assert summary["shape"] in {"double_descent", "rising", "falling", "flat"} and len(summary["final_loss"]) == 3
+    assert all(s is not None for s in summary["final_seen"])  # the repeated subset's seen loss
+    assert (sweep_dir / "report" / "sweep.png").stat().st_size > 10_000
+    assert "| 24.0 |" in (sweep_dir / "report" / "summary.md").read_text()

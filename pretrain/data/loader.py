@@ -101,7 +101,8 @@ def plan_streams(sources: dict[str, np.ndarray], *, mixture: dict[str, float] | 
         order = np.random.default_rng([seed, REPEAT_SUBSET_STREAM]).permutation(sources[repeat_source])
         subset, ids[repeat_source] = np.sort(order[:repeat_samples]), np.sort(order[repeat_samples:])
     unique_share = 1.0 - (repeat_fraction if subset is not None else 0.0)
-    streams = [Stream(name, name, ids[name], unique_share * w / total) for name, w in mixture.items() if w > 0]
+    streams = [Stream(name, name, ids[name], unique_share * mixture[name] / total)  # in the sources' order
+               for name in sources if mixture.get(name, 0) > 0]
     if subset is not None:
         streams.append(Stream(REPEATED, repeat_source, subset, repeat_fraction))
     return streams
