@@ -163,6 +163,25 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shards,
     assert (run / "checkpoints" / "latest").read_text() == "step00000006"
 
 
+@pytest.mark.parametrize("damage", ["deleted", "emptied", "garbage", "missing tag"])
+def test_a_lost_latest_resumes_from_the_newest_complete_checkpoint_and_deletes_none(damage, shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_tokens=768", "checkpoint.interval_tokens=256", "checkpoint.keep_last=2", "logger.wandb=false"]
+    train(1, run, shards, *args)  # checkpoints at steps 2, 4, 6; keep_last=2 leaves 4 and 6
+    ckpts = run / "checkpoints"
+    latest = ckpts / "latest"
+    {"deleted": latest.unlink, "emptied": lambda: latest.write_text(""),
+     "garbage": lambda: latest.write_bytes(b"\x00\xffnot a tag"),
+     "missing tag": lambda: latest.write_text("step00000099")}[damage]()
+    proc = train(1, run, shards, *args[1:], "trainer.max_tokens=1024")
+    warning = [x for x in proc.stderr.splitlines() if x.startswith("warning:") and "newest complete" in x]
+    assert len(warning) == 1 and "step00000006" in warning[0]
+    assert events(run, "start")[-1]["step"] == 6 and [r["step"] for r in steps(run)] == list(range(1, 9))
+    # keep_last=2 of the run's own line: 6 (resumed from) and 8; nothing else was there to lose
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000006", "step00000008"]
+    assert latest.read_text() == "step00000008"
+
+
 def test_nan_loss_skips_the_update_and_k_in_a_row_stop_cleanly(shards, tmp_path):
     run = tmp_path / "one"
     train(1, run, shards, "trainer.max_tokens=640", "trainer.inject_nan_at_steps=[3]", "logger.wandb=false")

@@ -1,12 +1,21 @@
 """Checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not know about.
 
 Layout: ``RUN_DIR/checkpoints/step00000042/`` (a DeepSpeed tag: model, ZeRO and optimizer shards of
-every rank) and ``RUN_DIR/checkpoints/latest`` (the tag of the newest *complete* checkpoint).
+every rank, ``gal_layout.json``, and ``gal_complete.json``) and ``RUN_DIR/checkpoints/latest`` (the tag
+of the newest complete checkpoint).
 
 * A checkpoint counts only when complete: every rank has written its shards (a barrier), then rank 0
-  replaces ``latest`` atomically (``os.replace``). A process killed mid-write leaves ``latest`` on the
-  previous checkpoint, which stays loadable. (DeepSpeed's own ``save_latest`` writes the pointer on
-  rank 0 without waiting for the other ranks, so we write it ourselves.)
+  writes the layout file and the tag's own completion marker ``gal_complete.json`` (every file's size),
+  fsynced, and last replaces ``latest`` atomically (``os.replace``). A process killed mid-write leaves an incomplete tag
+  that nothing loads. (DeepSpeed's own ``save_latest`` writes the pointer on rank 0 without waiting for
+  the other ranks, so we write it ourselves.)
+* ``resume=auto`` takes the tag ``latest`` names when that tag is complete, and otherwise the newest
+  complete tag, saying why (``latest`` missing, empty, garbage or naming an incomplete tag): a lost
+  ``latest`` loses nothing.
+* Pruning (``keep_last``) only ever deletes complete checkpoints of the run's own line: those at or
+  before the checkpoint it resumed from, and those it wrote itself. A complete checkpoint newer than
+  the resume point that this run did not write (e.g. ``resume=none`` in a directory that has some) is
+  never deleted; incomplete tags after the resume point (a killed write) are.
 * Client state: the loader position, tokens seen, the loss guard, the config hash, and every rank's
   RNG states (torch, CUDA, numpy, python, the tensor-parallel stream), gathered to the file
   DeepSpeed writes, so that a resumed run draws the same dropout masks as an uninterrupted one.
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 import random
 import shutil
 import subprocess
@@ -32,21 +42,65 @@ from model import parallel
 
 LATEST = "latest"
 META = "gal_layout.json"  # world, data- and tensor-parallel sizes, ZeRO stage of the saving run
+COMPLETE = "gal_complete.json"  # written last into a tag: every file's size
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def is_complete(tag_dir: Path) -> bool:
+    """Whether a tag was completely written: its marker is there and every file it lists has its recorded
+    size (a tag from before markers existed counts when its layout file, written after every rank's
+    shards, is there)."""
+    tag_dir = Path(tag_dir)
+    marker = tag_dir / COMPLETE
+    if not marker.exists():
+        return (tag_dir / META).is_file()
+    try:
+        files = json.loads(marker.read_text())["files"]
+        return all((tag_dir / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The complete checkpoints' tags, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir()) if ckpt_dir.is_dir() else []
+    return [t for t in tags if is_complete(ckpt_dir / t)]
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint's tag, or None."""
-    pointer = Path(ckpt_dir) / LATEST
+    """The newest complete checkpoint's tag (the one ``latest`` names if complete), or None."""
+    return find_latest(ckpt_dir)[0]
+
+
+def find_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
+    """(tag, why): the tag ``latest`` names when it is complete (why None), else the newest complete tag
+    and why ``latest`` was not used; (None, None) when there is no complete checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    named = None
+    if pointer.is_file():
+        try:
+            named = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+    if named and "/" not in named and is_complete(ckpt_dir / named):
+        return named, None
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None, None
     if not pointer.exists():
-        return None
-    tag = pointer.read_text().strip()
-    if not (Path(ckpt_dir) / tag).is_dir():
-        raise FileNotFoundError(f"{pointer} names {tag!r}, which does not exist in {ckpt_dir}")
-    return tag
+        why = f"{pointer} is missing"
+    elif not named:
+        why = f"{pointer} is empty or unreadable"
+    elif not (ckpt_dir / named).is_dir():
+        why = f"{pointer} names {named[:60]!r}, which is not a checkpoint there"
+    else:
+        why = f"{pointer} names {named!r}, which is incomplete"
+    return tags[-1], why
 
 
 # ---- RNG -------------------------------------------------------------------------------------------
@@ -91,26 +145,61 @@ def gather_rng_states() -> list[dict]:
 
 # ---- save / load -------------------------------------------------------------------------------------
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, *, model_shape: dict,
-         before_commit: Callable[[int], None] | None = None) -> str:
-    """Save on all ranks; returns the tag. ``latest`` moves only after every rank has finished.
-    ``model_shape`` goes to the layout file, read before a resume loads anything; ``before_commit(step)``
-    runs on rank 0 between the shards and ``latest`` (the fault drills)."""
+         lineage: "Lineage", before_commit: Callable[[int], None] | None = None) -> str:
+    """Save on all ranks; returns the tag. The completion marker and ``latest`` are written only after
+    every rank has finished. ``model_shape`` goes to the layout file, read before a resume loads
+    anything; ``before_commit(step)`` runs on rank 0 between the shards and the marker (the fault
+    drills); ``lineage`` says which checkpoints pruning may delete."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     client_state = {**client_state, "rng": gather_rng_states(), "world_size": dist.get_world_size()}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        (ckpt_dir / tag / META).write_text(json.dumps({**layout(engine), "model_shape": model_shape}))
         if before_commit is not None:
             before_commit(step)
+        (ckpt_dir / tag / META).write_text(json.dumps({**layout(engine), "model_shape": model_shape}))
         _fsync_tree(ckpt_dir / tag)
+        _write_marker(ckpt_dir / tag)
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        _prune(ckpt_dir, keep_last, keep=tag)
+        lineage.written.append(tag)
+        lineage.prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def _write_marker(tag_dir: Path) -> None:
+    files = {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+             if p.is_file() and p.name != COMPLETE}
+    tmp = tag_dir / f".{COMPLETE}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tag_dir / COMPLETE)
+
+
+@dataclass
+class Lineage:
+    """The checkpoints a run may prune: those up to the one it resumed from, and those it wrote."""
+
+    resumed_from: str | None = None
+    written: list[str] = field(default_factory=list)
+
+    def prune(self, ckpt_dir: Path, keep_last: int) -> list[str]:
+        """Keep the newest ``keep_last`` of the run's own complete checkpoints; drop incomplete tags after
+        the resume point (writes killed in an earlier life of this run). Returns what was deleted."""
+        ckpt_dir = Path(ckpt_dir)
+        tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+        mine = [t for t in tags if is_complete(ckpt_dir / t)
+                and (t in self.written or (self.resumed_from is not None and t <= self.resumed_from))]
+        stale = mine[:-max(keep_last, 1)]
+        stale += [t for t in tags if t > (self.resumed_from or "") and not is_complete(ckpt_dir / t)]
+        for old in stale:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        return stale
 
 
 def layout(engine) -> dict:
@@ -126,13 +215,22 @@ def resume_point(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if resume == "none":
         return None
     if resume == "auto":
-        tag = latest_tag(ckpt_dir)
+        tag, why = find_latest(ckpt_dir)
+        if why and dist.get_rank() == 0:
+            print(f"warning: {why}; resuming from the newest complete checkpoint, {Path(ckpt_dir) / tag}",
+                  file=sys.stderr)
         return (Path(ckpt_dir), tag) if tag else None
     path = Path(resume)
-    if (path / LATEST).exists():
-        return path, latest_tag(path)
-    if path.is_dir():
+    if (path / LATEST).exists() or complete_tags(path):
+        tag, why = find_latest(path)
+        if tag is None:
+            raise ConfigError(f"resume={resume}: no complete checkpoint there")
+        return path, tag
+    if path.is_dir() and is_complete(path):
         return path.parent, path.name
+    if path.is_dir() and path.name.startswith("step"):
+        raise ConfigError(f"resume={resume}: an incomplete checkpoint (no valid {COMPLETE}); "
+                          f"complete ones beside it: {', '.join(complete_tags(path.parent)) or 'none'}")
     raise ConfigError(f"resume={resume}: no checkpoint there")
 
 
@@ -208,11 +306,3 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop tags after ``keep`` (left half-written
-    by a run that was killed and resumed from an earlier checkpoint)."""
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = [t for t in tags if t <= keep]
-    stale = [t for t in tags if t > keep] + complete[:-max(keep_last, 1)]
-    for old in stale:
-        shutil.rmtree(ckpt_dir / old, ignore_errors=True)

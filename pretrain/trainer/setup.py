@@ -192,6 +192,7 @@ class Run:
     progress: Progress
     watch: DoubleDescentWatch | None  # on the main rank, with validation on
     config_hash: str
+    lineage: checkpoint.Lineage  # which checkpoints pruning may delete
 
     @property
     def ckpt_dir(self) -> Path:
@@ -236,4 +237,10 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
                progress=Progress(metrics.console, shapes.total_steps, state.step, enabled=is_main),
                watch=DoubleDescentWatch(run_dir / "metrics.jsonl") if is_main and cfg.validation.enabled else None,
-               config_hash=cfg_hash)
+               config_hash=cfg_hash, lineage=checkpoint.Lineage(resumed_from=_own_tag(start, run_dir)))
+
+
+def _own_tag(start: tuple[Path, str] | None, run_dir: Path) -> str | None:
+    """The tag resumed from, if it lies in this run's own checkpoint directory (the run's line)."""
+    own = start is not None and Path(start[0]).resolve() == (run_dir / "checkpoints").resolve()
+    return start[1] if own else None
