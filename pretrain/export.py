@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -51,28 +52,36 @@ def find_checkpoint(run_dir: Path, tag: str | None) -> Path:
 
 def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full (all DP and TP ranks merged) fp32 state dict of a gal-train checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from model.hf import merge_tp_state_dicts
 
     layout = checkpoint.read_layout(tag_dir.parent, tag_dir.name)
-    per_tp_rank = []
-    for tp_rank in range(layout["tp_size"]):
-        files = sorted(tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"))
-        if not files:
-            raise ConfigError(f"{tag_dir} has no files of tensor-parallel rank {tp_rank} (*mp_rank_{tp_rank:02d}_*.pt)")
-        if not any(f.name.endswith("_optim_states.pt") for f in files):  # ZeRO-0: full weights in the model file
-            state = torch.load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu",
-                               weights_only=False)["module"]
-        else:
-            with tempfile.TemporaryDirectory(prefix="gal-export-") as tmp:
-                (Path(tmp) / tag_dir.name).mkdir()
-                for f in files:
-                    (Path(tmp) / tag_dir.name / f.name).symlink_to(f.resolve())
-                with contextlib.redirect_stdout(io.StringIO()):  # its chatter; tqdm bars stay on stderr
-                    state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
-        per_tp_rank.append({k: v.float() for k, v in state.items() if v is not None and not k.endswith("_extra_state")})
+    try:
+        per_tp_rank = [_tp_rank_state(tag_dir, tp_rank) for tp_rank in range(layout["tp_size"])]
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{tag_dir}: a checkpoint file holds pickled objects beyond tensors and DeepSpeed's "
+                          f"own types; refused (weights-only loading): {str(e).splitlines()[0]}") from None
     return merge_tp_state_dicts(per_tp_rank)
+
+
+def _tp_rank_state(tag_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's fp32 weights, its data-parallel ZeRO partitions merged."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    files = sorted(tag_dir.glob(f"*mp_rank_{tp_rank:02d}_*.pt"))
+    if not files:
+        raise ConfigError(f"{tag_dir} has no files of tensor-parallel rank {tp_rank} (*mp_rank_{tp_rank:02d}_*.pt)")
+    if not any(f.name.endswith("_optim_states.pt") for f in files):  # ZeRO-0: full weights in the model file
+        with checkpoint.weights_only_loading():
+            state = torch.load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt", map_location="cpu")["module"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="gal-export-") as tmp:
+            (Path(tmp) / tag_dir.name).mkdir()
+            for f in files:
+                (Path(tmp) / tag_dir.name / f.name).symlink_to(f.resolve())
+            # its chatter to stdout (tqdm bars stay on stderr); its torch.load(weights_only=False) made safe
+            with contextlib.redirect_stdout(io.StringIO()), checkpoint.weights_only_loading():
+                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag_dir.name)
+    return {k: v.float() for k, v in state.items() if v is not None and not k.endswith("_extra_state")}
 
 
 def load_run_config(run_dir: Path):

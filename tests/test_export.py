@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ import torch
 
 from helpers import BIN, REPO, synthetic_shards, torchrun, train, train_env
 from pretrain import export
+from pretrain.config import ConfigError
 from pretrain.tokenizer import GalacticaTokenizer
 
 # every test needs a 2-rank training run (directly or through the module's zero3_tp2_run)
@@ -96,9 +99,32 @@ def test_zero2_dp2_consolidation_equals_the_saved_module_weights(shards, tmp_pat
     assert len(list(tag_dir.glob("*_optim_states.pt"))) == 2  # one fp32 partition per DP rank
     full = export.consolidate(tag_dir)
     # fp32 ZeRO-2 keeps the whole updated model (fp32) in the model-states file as well
-    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     assert full.keys() == module.keys()
     assert all(torch.equal(full[k], module[k]) for k in full)
+
+    # a pickled payload planted in a checkpoint file: refused, never run, by gal-export and by DeepSpeed's
+    # ds_to_universal (a resume on another data-parallel size), though both ask torch for weights_only=False
+    marker = tmp_path / "payload-ran"
+    torch.save({"module": Payload(str(marker))}, tag_dir / "mp_rank_00_model_states.pt")
+    with pytest.raises(ConfigError, match=r"step00000003: a checkpoint file holds pickled objects .* refused"):
+        export.consolidate(tag_dir)
+    proc = subprocess.run([sys.executable, "-m", "pretrain.trainer.to_universal", "--input_folder", str(tag_dir),
+                           "--output_folder", str(tmp_path / "universal"), "--num_extract_workers", "1",
+                           "--num_merge_workers", "1", "--no_strict"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=train_env())
+    assert proc.returncode != 0 and "Weights only load failed" in proc.stderr
+    assert not marker.exists()
+
+
+class Payload:
+    """Unpickling it (torch.load with weights_only=False) would create the marker file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_errors_name_the_path_and_a_missing_tokenizer_only_warns(zero3_tp2_run, tmp_path, capsys):

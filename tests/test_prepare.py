@@ -141,6 +141,13 @@ def test_overwrite_refused_then_allowed(tmp_path, sample_docs, tokenizer_path):
     prepare(make_cfg(*args, "overwrite=true"), progress=False)
     assert not (tmp_path / "out" / "marker").exists() and (tmp_path / "out" / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no temporaries left
+    # overwrite=true replaces a shard set, never a directory of something else
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    proc = run_cli(*args[:1], f"output={mine}", *args[2:], "overwrite=true", check=False)
+    assert proc.returncode == 2 and "is not a gal-prepare shard set (no manifest.json)" in proc.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work"
 
 
 def test_interrupted_run_leaves_no_manifest(tmp_path, sample_docs, tokenizer_path, monkeypatch):

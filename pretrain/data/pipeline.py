@@ -318,6 +318,9 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.output).expanduser().resolve()
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output={out} already exists: pass overwrite=true to replace it")
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output={out} is not a gal-prepare shard set (no manifest.json): overwrite=true "
+                              "replaces shard sets only; choose another output or remove it yourself")
     builtin = cfg.input is None
     files = builtin_sample_files() if builtin else expand_inputs(cfg.input)
     if not files:

@@ -20,10 +20,14 @@ of the newest complete checkpoint).
   RNG states (torch, CUDA, numpy, python, the tensor-parallel stream), gathered to the file
   DeepSpeed writes, so that a resumed run draws the same dropout masks as an uninterrupted one.
 * Only the last ``keep_last`` checkpoints are kept.
-* Files are read with ``torch.load(weights_only=True)``: DeepSpeed's checkpoint engine is told to.
+* Files are read with ``torch.load(weights_only=True)``: DeepSpeed's checkpoint engine is told to, and
+  DeepSpeed's converters (``ds_to_universal`` for a resume on another data-parallel size,
+  ``zero_to_fp32`` in gal-export), which ask for ``weights_only=False``, run under
+  :func:`weights_only_loading`. A pickled payload in a checkpoint file is refused, never executed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -246,7 +250,7 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
     loads on another data-parallel size; returns the directory that holds the converted ``tag``."""
     out = Path(ckpt_dir) / "universal"
     if dist.get_rank() == 0 and not (out / tag / "zero").is_dir():
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+        cmd = [sys.executable, "-m", "pretrain.trainer.to_universal", "--input_folder",
                str(Path(ckpt_dir) / tag), "--output_folder", str(out / tag), "--num_extract_workers", "1",
                "--num_merge_workers", "1", "--no_strict"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -268,6 +272,24 @@ def load(engine, ckpt_dir: Path, tag: str | None = None) -> dict:
     if client_state.get("world_size") == dist.get_world_size():
         set_rng_state(client_state["rng"][dist.get_rank()])
     return client_state
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every ``torch.load`` inside reads with ``weights_only=True`` (plus DeepSpeed's few checkpoint
+    types), whatever its caller asked for: for DeepSpeed code that asks for ``weights_only=False``."""
+    _allow_deepspeed_globals()
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def use_weights_only_loading(engine) -> None:
