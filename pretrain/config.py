@@ -171,6 +171,7 @@ def register() -> None:
 def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, world_size: int) -> None:
     """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
     t, d = cfg.trainer, cfg.deepspeed
+    _positive(cfg)
     tp = t.tensor_parallel  # >= 1 and dividing the world size: launch.env.check_topology, called first
     try:
         model_cfg.validate_tensor_parallel(tp)
@@ -206,6 +207,26 @@ def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, worl
                           f"model's {model_cfg.max_positions} positions")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         raise ConfigError("resume must be auto, none or a checkpoint directory")
+
+
+# Keys that must be > 0 (None, where allowed, means "not set": only at the end, every sample, ...)
+POSITIVE_KEYS = ("trainer.micro_batch_size", "trainer.global_batch_tokens", "trainer.max_tokens", "trainer.max_epochs",
+                 "trainer.log_interval_steps", "trainer.max_consecutive_skips", "optim.lr_max",
+                 "checkpoint.interval_tokens", "checkpoint.keep_last", "validation.interval_tokens",
+                 "validation.after_boundary_tokens", "validation.micro_batch_size", "validation.max_cost",
+                 "validation.seen_samples", "validation.max_samples_per_source")
+NON_NEGATIVE_KEYS = ("optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip", "validation.rounds_per_epoch",
+                     "validation.after_boundary_points")
+
+
+def _positive(cfg: TrainConfig) -> None:
+    for keys, ok, what in ((POSITIVE_KEYS, lambda v: v > 0, "> 0"), (NON_NEGATIVE_KEYS, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            node = cfg
+            for part in key.split("."):
+                node = getattr(node, part)
+            if node is not None and not ok(node):
+                raise ConfigError(f"{key}={node} must be {what}")
 
 
 def global_batch_samples(global_batch_tokens: int, seq_len: int) -> int:

@@ -185,6 +185,18 @@ def test_the_suggested_batch_passes(tokens, seq, mb, world, tp):
     (["validation.probes=true", "validation.probe_smiles_max_new_tokens=2048"], 1, {},
      r"^validation\.probe_max_new_tokens / probe_smiles_max_new_tokens must be below the model's 2048 positions$"),
     (["resume="], 1, {}, r"^resume must be auto, none or a checkpoint directory$"),
+    # values that cannot be meant: 0 or negative where the key counts or scales something
+    (["optim.lr_max=0"], 1, {}, r"^optim\.lr_max=0\.0 must be > 0$"),
+    (["optim.lr_max=-1e-3"], 1, {}, r"^optim\.lr_max=-0\.001 must be > 0$"),
+    (["trainer.max_tokens=0"], 1, {}, r"^trainer\.max_tokens=0 must be > 0$"),
+    (["trainer.max_tokens=-5"], 1, {}, r"^trainer\.max_tokens=-5 must be > 0$"),
+    (["trainer.max_epochs=0"], 1, {}, r"^trainer\.max_epochs=0\.0 must be > 0$"),
+    (["checkpoint.interval_tokens=0"], 1, {}, r"^checkpoint\.interval_tokens=0 must be > 0$"),
+    (["trainer.micro_batch_size=0"], 1, {}, r"^trainer\.micro_batch_size=0 must be > 0$"),
+    (["trainer.log_interval_steps=0"], 1, {}, r"^trainer\.log_interval_steps=0 must be > 0$"),
+    (["validation.micro_batch_size=0"], 1, {}, r"^validation\.micro_batch_size=0 must be > 0$"),
+    (["validation.max_cost=0"], 1, {}, r"^validation\.max_cost=0\.0 must be > 0$"),
+    (["optim.warmup_tokens=-1"], 1, {}, r"^optim\.warmup_tokens=-1 must be >= 0$"),
 ])
 def test_validate_names_the_key(overrides, world, model_kw, message):
     cfg = train_cfg("trainer.global_batch_tokens=384", *overrides)  # 12 sequences: divisible by 1, 2, 3 ranks

@@ -82,7 +82,7 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
     t = cfg.trainer
     gbs = global_batch_samples(t.global_batch_tokens, seq_len)
     per_epoch = samples_per_epoch(streams)
-    total_tokens = t.max_tokens or int(t.max_epochs * per_epoch * seq_len)
+    total_tokens = t.max_tokens if t.max_tokens is not None else int(t.max_epochs * per_epoch * seq_len)
     shapes = Shapes(seq_len=seq_len, num_samples=per_epoch, global_batch=gbs,
                     grad_accum=gbs // (t.micro_batch_size * (world_size // t.tensor_parallel)),
                     total_steps=max(1, math.ceil(total_tokens / (gbs * seq_len))))
