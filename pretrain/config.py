@@ -6,6 +6,7 @@ together, and every error names the config key to change.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -74,7 +75,7 @@ class DataConf:
 class OptimConf:
     lr_max: float = 6e-4
     lr_final_ratio: float = 0.1  # linear decay to 10% of lr_max at the end of the run (Galactica)
-    warmup_tokens: int = 375_000_000
+    warmup_tokens: float = 375_000_000  # token counts take float forms (3.75e8); whole numbers only
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -94,8 +95,8 @@ class DeepSpeedConf:
 @dataclass
 class TrainerConf:
     micro_batch_size: int = 1  # sequences per rank per micro-step
-    global_batch_tokens: int = 500_000  # tokens per optimizer step (Table 5); rounded to whole sequences
-    max_tokens: Optional[int] = None  # stop after this many training tokens ...
+    global_batch_tokens: float = 500_000  # tokens per optimizer step (Table 5); rounded to whole sequences
+    max_tokens: Optional[float] = None  # stop after this many training tokens (450e9 works) ...
     max_epochs: Optional[float] = None  # ... or this many passes over the training set
     tensor_parallel: int = 1
     device: str = "auto"  # auto | cpu | cuda
@@ -118,19 +119,19 @@ class LoggerConf:
 
 @dataclass
 class CheckpointConf:
-    interval_tokens: Optional[int] = None  # None: only at the end (and on preemption)
+    interval_tokens: Optional[float] = None  # None: only at the end (and on preemption)
     keep_last: int = 3
 
 
 @dataclass
 class ValidationConf:
     enabled: bool = True  # the rounds described in pretrain/evaluation/validation.py
-    interval_tokens: int | None = None  # None: rounds_per_epoch evenly spaced rounds an epoch
+    interval_tokens: Optional[float] = None  # None: rounds_per_epoch evenly spaced rounds an epoch
     # 16 (+ after_boundary_points=4) is the density the double-descent detector needs
     # (tests/test_doubledescent_rates.py); 0 with interval_tokens null: boundary rounds only.
     rounds_per_epoch: int = 16
     after_boundary_points: int = 4  # extra rounds right after each boundary, where epoch-wise effects show
-    after_boundary_tokens: int | None = None  # the span they fill; None: half an interval, or a tenth of an epoch
+    after_boundary_tokens: Optional[float] = None  # the span they fill; None: half an interval, or a tenth of an epoch
     at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
     # A round's cost, as a fraction of the training compute between rounds: it sizes the fixed evaluation
     # sets (equal shares, at least one micro-batch each). None: every held-out sample, every round.
@@ -169,8 +170,10 @@ def register() -> None:
 
 
 def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, world_size: int) -> None:
-    """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
+    """Reject settings that cannot work, naming the key (token counts given as floats, 450e9, become
+    ints here). Shapes come from the model and the shards."""
     t, d = cfg.trainer, cfg.deepspeed
+    _whole_token_counts(cfg)
     _positive(cfg)
     tp = t.tensor_parallel  # >= 1 and dividing the world size: launch.env.check_topology, called first
     try:
@@ -217,6 +220,25 @@ POSITIVE_KEYS = ("trainer.micro_batch_size", "trainer.global_batch_tokens", "tra
                  "validation.seen_samples", "validation.max_samples_per_source")
 NON_NEGATIVE_KEYS = ("optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip", "validation.rounds_per_epoch",
                      "validation.after_boundary_points")
+
+
+# Token counts: typed float so that 450e9 is accepted on the command line; made ints by validate().
+TOKEN_KEYS = ("trainer.global_batch_tokens", "trainer.max_tokens", "optim.warmup_tokens", "checkpoint.interval_tokens",
+              "validation.interval_tokens", "validation.after_boundary_tokens")
+
+
+def _whole_token_counts(cfg: TrainConfig) -> None:
+    for key in TOKEN_KEYS:
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        value = getattr(node, last)
+        if value is None:
+            continue
+        if value != int(value):
+            raise ConfigError(f"{key}={value} must be a whole number of tokens")
+        setattr(node, last, int(value))
 
 
 def _positive(cfg: TrainConfig) -> None:
@@ -282,7 +304,10 @@ def model_shape(model_cfg: GalacticaConfig) -> dict[str, int]:
 
 
 def config_hash(cfg: TrainConfig, data_identity: str) -> str:
-    """A digest of HASHED_KEYS and the data's identity (its shards' and tokenizer's hashes, not its path)."""
+    """A digest of HASHED_KEYS and the data's identity (its shards' and tokenizer's hashes, not its path);
+    token counts count as the whole numbers they are (3.75e8 = 375000000)."""
+    cfg = copy.deepcopy(cfg)
+    _whole_token_counts(cfg)
     keep = {"data_identity": data_identity}
     for key in HASHED_KEYS:
         node = cfg

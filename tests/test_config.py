@@ -60,6 +60,16 @@ def test_config_hash_is_a_digest_of_the_hashed_keys_and_the_data_identity():
             "seed": 1234}
     assert h == hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(copy.deepcopy(cfg), IDENTITY) == h
+    assert config_hash(changed(cfg, "optim.warmup_tokens", 2e5), IDENTITY) == h  # the float form of the same count
+
+
+def test_token_counts_take_float_forms_and_must_be_whole():
+    cfg = train_cfg("trainer.max_tokens=450e9", "optim.warmup_tokens=3.75e8", "trainer.global_batch_tokens=384")
+    check(cfg)
+    assert cfg.trainer.max_tokens == 450_000_000_000 and type(cfg.trainer.max_tokens) is int
+    assert cfg.optim.warmup_tokens == 375_000_000 and type(cfg.optim.warmup_tokens) is int
+    with pytest.raises(ConfigError, match=r"^trainer\.max_tokens=1000\.5 must be a whole number of tokens$"):
+        check(train_cfg("trainer.max_tokens=1000.5", "trainer.global_batch_tokens=384"))
 
 
 HASHED_CHANGES = [("model.dropout", 0.0), ("model.attention_dropout", 0.2), ("optim.lr_max", 1e-3),
