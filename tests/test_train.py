@@ -151,6 +151,31 @@ def test_sigusr1_checkpoints_and_exits_with_the_preemption_code(shards, tmp_path
     assert events(run, "preempted")[0]["step"] == last
 
 
+def test_a_second_trainer_on_the_same_run_directory_is_refused_and_a_killed_ones_lock_is_taken_over(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_command(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false",
+                                          "checkpoint.interval_tokens=256"),
+                            cwd=REPO, env=train_env(), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        while not any(r.get("step", 0) >= 3 for r in steps(run)):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        second = train(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false", expect=1)
+        (line,) = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        assert f"is in use by another gal-train (host {os.uname().nodename}, pid " in line
+        assert "Traceback" not in second.stderr
+    finally:
+        kill_when(proc, run, step=4)  # SIGKILL: the lock stays behind, its pid dead
+    before = [r["step"] for r in steps(run)]
+    assert before == list(range(1, len(before) + 1))  # nothing logged twice
+    assert (run / ".gal-train.lock").exists()
+    last = before[-1]
+    train(1, run, shards, f"trainer.max_tokens={(last + 2) * 128}", "logger.wandb=false", "checkpoint.interval_tokens=256")
+    assert events(run, "start")[-1]["resumed"] is True and not (run / ".gal-train.lock").exists()
+    assert [r["step"] for r in steps(run)] == list(range(1, last + 3))
+
+
 def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shards, tmp_path):
     run = tmp_path / "run"
     args = ["trainer.max_tokens=768", "checkpoint.interval_tokens=256", "logger.wandb=false"]

@@ -111,6 +111,8 @@ def close(run: Run) -> None:
     run.loader.close()
     run.metrics.close()
     dist.barrier()
+    if run.lock is not None:
+        run.lock.release()
 
 
 def _next_multiple(tokens: int, interval: int | None) -> int | None:

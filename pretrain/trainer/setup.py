@@ -32,6 +32,7 @@ from pretrain.trainer.guards import LossGuard, Preemption, TrainState
 from pretrain.analysis.watch import DoubleDescentWatch
 from pretrain.trainer.metrics import Metrics, SampleLog
 from pretrain.trainer.progress import Progress
+from pretrain.trainer.rundir import RunDirLock
 from pretrain.trainer.schedule import refresh_lr
 from pretrain.trainer.throughput import StepTimer, peak_flops
 
@@ -193,6 +194,7 @@ class Run:
     watch: DoubleDescentWatch | None  # on the main rank, with validation on
     config_hash: str
     lineage: checkpoint.Lineage  # which checkpoints pruning may delete
+    lock: RunDirLock | None  # one trainer per run directory (held by the main rank)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -204,7 +206,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     data, model_cfg, shapes = check(cfg, env)
     drills = Drills.from_config(cfg.trainer.inject_nan_at_steps)
     device = init_distributed(cfg, env)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = take_run_dir(run_dir)
     start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
     universal = saved_layout(cfg, model_cfg, start)
     engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
@@ -237,7 +239,22 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
                progress=Progress(metrics.console, shapes.total_steps, state.step, enabled=is_main),
                watch=DoubleDescentWatch(run_dir / "metrics.jsonl") if is_main and cfg.validation.enabled else None,
-               config_hash=cfg_hash, lineage=checkpoint.Lineage(resumed_from=_own_tag(start, run_dir)))
+               config_hash=cfg_hash, lineage=checkpoint.Lineage(resumed_from=_own_tag(start, run_dir)), lock=lock)
+
+
+def take_run_dir(run_dir: Path) -> RunDirLock | None:
+    """The main rank takes the run directory's lock (pretrain/trainer/rundir.py); if another trainer
+    holds it, every rank stops with the same one-line error. Returns the lock on the main rank."""
+    lock, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except ConfigError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ConfigError(error[0])
+    return lock
 
 
 def _own_tag(start: tuple[Path, str] | None, run_dir: Path) -> str | None:
