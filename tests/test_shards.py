@@ -183,3 +183,56 @@ def test_packer_pads_only_the_last_sample_and_picks_dtype(tmp_path):
     stream = np.concatenate([reader[i] for i in range(len(reader))])
     assert np.array_equal(stream[:total], np.concatenate(docs)) and (stream[total:] == 1).all()
     assert [reader.meta(i)["pad_tokens"] for i in range(len(reader))][:-1] == [0] * (len(reader) - 1)
+
+
+def test_damaged_shards_are_named_on_read_and_by_gal_verify(prepared, tmp_path):
+    import shutil
+    import subprocess
+
+    from helpers import BIN
+    from pretrain.config import ConfigError
+    from pretrain.data.shards import TrainSplit
+
+    _, out, m = prepared
+    ok = subprocess.run([str(BIN / "gal-verify"), str(out)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "every shard matches" in ok.stdout
+    split = out / "train" / "arxiv"
+    index = np.load(split / "index.npy")
+    assert "crc32" in index.dtype.names
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(out, flipped)
+    shard = flipped / "train" / "arxiv" / "shard-000001.tar"
+    row = index[np.flatnonzero(index["shard"] == 1)[3]]
+    data = bytearray(shard.read_bytes())
+    data[int(row["tokens_offset"]) + 10] ^= 0x01  # one bit of one token
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(data))
+    i = int(np.flatnonzero(index["shard"] == 1)[3])
+    with pytest.raises(ConfigError, match=rf"shard-000001\.tar: sample {i} does not match its checksum .* gal-verify"):
+        ShardReader(flipped / "train" / "arxiv")[i]
+    bad = subprocess.run([str(BIN / "gal-verify"), str(flipped)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "shard-000001.tar: sha256" in bad.stderr and f"sample {i} does not match" in bad.stderr
+
+    shifted = tmp_path / "shifted"
+    shutil.copytree(out, shifted)
+    moved = index.copy()
+    moved["tokens_offset"] += 2  # every sample read one token off
+    np.save(shifted / "train" / "arxiv" / "index.npy", moved)
+    with pytest.raises(ConfigError, match=r"shard-000000\.tar: sample 0 does not match its checksum"):
+        TrainSplit(shifted)[0]
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out, truncated)
+    (truncated / "train" / "arxiv" / "shard-000000.tar").chmod(0o644)  # shards are written read-only
+    with open(truncated / "train" / "arxiv" / "shard-000000.tar", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ConfigError, match=r"shard-000000\.tar: 1000 bytes, index\.json records \d+: the shards are damaged"):
+        TrainSplit(truncated)
+
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(out, small_vocab)
+    manifest = json.loads((small_vocab / "manifest.json").read_text())
+    (small_vocab / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 100}))
+    with pytest.raises(ConfigError, match=r"sample 0 holds token id \d+, not below the vocabulary's 100"):
+        TrainSplit(small_vocab)[0]

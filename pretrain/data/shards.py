@@ -4,7 +4,8 @@ On disk, one directory per split and source (`train/<source>/`, `valid/<source>/
   shard-000000.tar …  webdataset shards; sample i is the members `{i:09d}.meta.json` and
                       `{i:09d}.tokens.npy` (a 1-D array of `sample_len` tokens, uint16 or uint32)
   index.npy           one record per sample: shard number, byte offset of the token data inside
-                      that tar (past the .npy header), byte offset and size of the meta JSON
+                      that tar (past the .npy header), byte offset and size of the meta JSON, and the
+                      CRC-32 of the token bytes (checked on every read)
   index.json          dtype, sample_len, num_samples, token_bytes and the shards (name, samples,
                       bytes, sha256)
 Meta of a sample: {"doc_ids": [...], "sources": [...], "doc_starts": [...], "pad_tokens": n}: the
@@ -13,7 +14,10 @@ a document continued from the previous sample). Only the last sample of a split 
 
 `ShardReader(dir)[i]` reads sample i with one `os.pread` (files opened lazily per process, so it is
 safe to use after fork and from threads); `ShardReader.webdataset()` streams the same samples
-sequentially through `webdataset.WebDataset`.
+sequentially through `webdataset.WebDataset`. What is cheap is verified: at open, that every shard has
+the size index.json records; on every read, the sample's CRC-32 (a flipped bit, or an index off by a
+byte, is an error naming shard and sample) and, given the vocabulary, that its ids are below it.
+`gal-verify DATA_PATH` checks every shard's sha256 (pretrain/verify.py).
 """
 from __future__ import annotations
 
@@ -21,13 +25,15 @@ import hashlib
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import webdataset
 
-INDEX_DTYPE = np.dtype([("shard", "<u4"), ("tokens_offset", "<u8"), ("meta_offset", "<u8"), ("meta_size", "<u4")])
+INDEX_DTYPE = np.dtype([("shard", "<u4"), ("tokens_offset", "<u8"), ("meta_offset", "<u8"), ("meta_size", "<u4"),
+                        ("crc32", "<u4")])
 MANIFEST = "manifest.json"  # a shard set's description: vocabulary, tokenizer, sources, probes (gal-prepare)
 
 
@@ -67,6 +73,7 @@ class ShardWriter:
         self.index: list[np.ndarray] = []
         self._tar: webdataset.TarWriter | None = None
         self._in_shard = 0
+        self._crcs: list[int] = []
 
     def write(self, tokens: np.ndarray, meta: dict[str, Any]) -> None:
         if tokens.shape != (self.sample_len,):
@@ -75,8 +82,10 @@ class ShardWriter:
             name = f"shard-{len(self.shards):06d}.tar"
             self.shards.append({"name": name, "samples": 0})
             self._tar = webdataset.TarWriter(str(self.dir / name), mtime=0, user="gal", group="gal", mode=0o444)
-        self._tar.write({"__key__": f"{self.num_samples:09d}", "tokens.npy": tokens.astype(self.dtype, copy=False),
+        data = np.ascontiguousarray(tokens.astype(self.dtype, copy=False))
+        self._tar.write({"__key__": f"{self.num_samples:09d}", "tokens.npy": data,
                          "meta.json": json.dumps(meta, separators=(",", ":"))})
+        self._crcs.append(zlib.crc32(data.tobytes()))
         self.num_samples += 1
         self._in_shard += 1
         self.shards[-1]["samples"] += 1
@@ -100,6 +109,7 @@ class ShardWriter:
                 elif ext == "meta.json":
                     rows["meta_offset"][j], rows["meta_size"][j] = member.offset_data, member.size
         rows["shard"] = number
+        rows["crc32"], self._crcs = self._crcs, []
         self.index.append(rows)
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -156,10 +166,16 @@ class Packer:
         return {**self.writer.close(), "pad_tokens": self.pad_tokens}
 
 
+def _corrupt(what: str):
+    from pretrain.config import ConfigError
+
+    return ConfigError(f"{what}: the shards are damaged; check them all with gal-verify, and re-prepare them")
+
+
 class ShardReader:
     """Random access to the samples of one split directory (`train/<source>/` or `valid/<source>/`)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, vocab_size: int | None = None):
         self.dir = Path(directory)
         info_path = self.dir / "index.json"
         if not info_path.exists():
@@ -172,6 +188,13 @@ class ShardReader:
         self.index = np.load(self.dir / "index.npy", mmap_mode="r")
         if len(self.index) != self.info["num_samples"]:
             raise ValueError(f"{self.dir}: index.npy has {len(self.index)} rows, index.json says {self.info['num_samples']}")
+        for path, shard in zip(self.paths, self.info["shards"]):
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if "bytes" in shard and size != shard["bytes"]:
+                raise _corrupt(f"{path}: {'missing' if size is None else f'{size} bytes'}, index.json records "
+                               f"{shard['bytes']}")
+        self.check_crc = "crc32" in (self.index.dtype.names or ())  # indexes written before checksums: skip
+        self.vocab_size = vocab_size
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -196,7 +219,13 @@ class ShardReader:
         data = os.pread(self._fd(int(row["shard"])), self.token_bytes, int(row["tokens_offset"]))
         if len(data) != self.token_bytes:
             raise IOError(f"{self.paths[int(row['shard'])]}: short read for sample {i} (truncated shard?)")
-        return np.frombuffer(data, self.dtype)
+        if self.check_crc and zlib.crc32(data) != int(row["crc32"]):
+            raise _corrupt(f"{self.paths[int(row['shard'])]}: sample {i} does not match its checksum in index.npy")
+        tokens = np.frombuffer(data, self.dtype)
+        if self.vocab_size is not None and tokens.max() >= self.vocab_size:
+            raise _corrupt(f"{self.paths[int(row['shard'])]}: sample {i} holds token id {int(tokens.max())}, "
+                           f"not below the vocabulary's {self.vocab_size}")
+        return tokens
 
     def meta(self, i: int) -> dict[str, Any]:
         row = self._row(i)
@@ -234,7 +263,9 @@ class TrainSplit:
         dirs = sorted(d for d in train.iterdir() if (d / "index.json").exists()) if train.is_dir() else []
         if not dirs:
             raise ConfigError(f"data.path={data_path}: no training shards under train/<source>/; prepare them with gal-prepare")
-        self.readers = {d.name: ShardReader(d) for d in dirs}
+        vocab = json.loads((Path(data_path) / MANIFEST).read_text()).get("vocab_size") \
+            if (Path(data_path) / MANIFEST).exists() else None
+        self.readers = {d.name: ShardReader(d, vocab) for d in dirs}
         self.sample_len = next(iter(self.readers.values())).sample_len
         self.offsets, start = {}, 0
         for name, r in self.readers.items():

@@ -91,7 +91,7 @@ class Validator:
         self.per_set = max(conf.micro_batch_size, int(budget // n_sets)) if math.isfinite(budget) else None
         self.sets: dict[str, tuple[RandomAccessSamples, np.ndarray]] = {}
         for d in dirs:
-            reader = ShardReader(d)
+            reader = ShardReader(d, manifest.get("vocab_size"))
             self.sets[d.name] = (reader, self._pick(np.arange(len(reader)), conf.max_samples_per_source, seed, d.name))
         for s in streams:
             self.sets[f"seen/{s.name}"] = (train, self._pick(s.ids, conf.seen_samples, seed, s.name))
