@@ -134,7 +134,7 @@ class ValidationConf:
     after_boundary_tokens: Optional[float] = None  # the span they fill; None: half an interval, or a tenth of an epoch
     at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
     # A round's cost, as a fraction of the training compute between rounds: it sizes the fixed evaluation
-    # sets (equal shares, at least one micro-batch each). None: every held-out sample, every round.
+    # sets (equal shares, at least one sample each). None: every held-out sample, every round.
     max_cost: Optional[float] = 0.05
     seen_samples: int = 32  # at most this many fixed training samples per stream (seen/<stream>)
     max_samples_per_source: int | None = None  # at most this many held-out samples per source

@@ -215,7 +215,7 @@ def _zoom(ax, valid: list[dict], summary: dict, unique: float, bounds: list[int]
     main = summary["series"]
     last = max((r["tokens_seen"] for r in valid), default=0)
     pts = [(r["tokens_seen"], r["losses"][main]) for r in valid
-           if r["losses"].get(main) is not None and r["tokens_seen"] >= max(unique, last / 2)]
+           if r["losses"].get(main) is not None and r["tokens_seen"] >= (max(unique, last / 2) if last > unique else last / 2)]
     if len(pts) < 2:
         ax.set_visible(False)
         return

@@ -73,12 +73,16 @@ class ValidationSchedule:
         return None
 
 
+EVAL_TOKENS_PER_TRAIN_TOKEN = 2  # what the round budget assumes an evaluated token costs: half a trained one
+
+
 class Validator:
     """The sets a round evaluates, fixed at start (the same samples every round, chosen by the data seed):
     ``valid/<source>`` (held-out), ``seen/<stream>`` (training samples of each source's stream and of the
     repeated subset). A round costs at most ``validation.max_cost`` of the training compute between
-    rounds (a forward is a third of a training step's): each set gets an equal share of that many
-    samples, at least one micro-batch, at most ``max_samples_per_source`` / ``seen_samples``."""
+    rounds. An evaluated token is counted as half a trained one (a third in FLOPs; measured on the CPU,
+    small eval batches run at ~2.4× the training tokens/s): each set gets an equal share of that many
+    samples, at least one, at most ``max_samples_per_source`` / ``seen_samples``."""
 
     def __init__(self, conf: ValidationConf, data_path: Path, manifest: dict, train: RandomAccessSamples,
                  streams: list[Stream], *, seed: int, seq_len: int, tokens_between_rounds: float | None):
@@ -87,8 +91,8 @@ class Validator:
         dirs = sorted(p for p in valid.iterdir() if (p / "index.json").exists()) if valid.is_dir() else []
         n_sets = len(dirs) + len(streams)
         budget = (math.inf if not tokens_between_rounds or conf.max_cost is None
-                  else 3 * conf.max_cost * tokens_between_rounds / seq_len)
-        self.per_set = max(conf.micro_batch_size, int(budget // n_sets)) if math.isfinite(budget) else None
+                  else EVAL_TOKENS_PER_TRAIN_TOKEN * conf.max_cost * tokens_between_rounds / seq_len)
+        self.per_set = max(1, int(budget // n_sets)) if math.isfinite(budget) else None
         self.sets: dict[str, tuple[RandomAccessSamples, np.ndarray]] = {}
         for d in dirs:
             reader = ShardReader(d, manifest.get("vocab_size"))
