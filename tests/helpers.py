@@ -63,18 +63,21 @@ def torchrun(nproc: int, script: str | Path, *args: str, timeout: float = 600, e
 
 # ----------------------------------------------------------------------------- synthetic shards
 def synthetic_shards(root: Path, seq_len: int, n_samples: int | dict[str, int], samples_per_shard: int = 16,
-                     vocab: int = 256, pad_last: int = 0, manifest: dict | None = None) -> Path:
+                     vocab: int = 256, pad_last: int = 0, manifest: dict | None = None,
+                     valid: dict[str, int] | None = None) -> Path:
     """``n_samples`` learnable token ramps (ids 4..253) in real shards (the real ShardWriter) under
     ``root/train/syn/`` (or ``{source: samples}`` under ``root/train/<source>/``), and
     ``root/manifest.json``: enough for the trainer when no tokenizer is needed.
 
     ``pad_last``: that many pad tokens (id 1) at the tail of each source's last sample, in its metadata.
+    ``valid``: ``{source: samples}`` held out under ``root/valid/<source>/`` (the same kind of ramps).
     ``manifest``: more manifest keys (e.g. a tokenizer), over ``{"vocab_size": vocab, "pad_id": 1}``."""
     from pretrain.data.shards import ShardWriter
 
     rng = np.random.default_rng(0)
-    for source, n in (n_samples if isinstance(n_samples, dict) else {"syn": n_samples}).items():
-        w = ShardWriter(root / "train" / source, seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
+    splits = [("train", n_samples if isinstance(n_samples, dict) else {"syn": n_samples}), ("valid", valid or {})]
+    for split, source, n in ((split, source, n) for split, sizes in splits for source, n in sizes.items()):
+        w = ShardWriter(root / split / source, seq_len + 1, np.uint16, samples_per_shard=samples_per_shard)
         for i in range(n):
             toks = (rng.integers(4, 100) + np.arange(seq_len + 1) * (i % 5 + 1)) % 250 + 4
             pad = pad_last if i == n - 1 else 0

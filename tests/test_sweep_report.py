@@ -106,7 +106,7 @@ def test_gal_report_on_a_real_three_point_multirun_of_repeated_subsets(tmp_path)
 
     from helpers import BIN, REPO, TRAIN_COMMON, synthetic_shards, train_env
 
-    shards = synthetic_shards(tmp_path / "shards", 32, {"big": 40, "small": 12})
+    shards = synthetic_shards(tmp_path / "shards", 32, {"big": 40, "small": 12}, valid={"big": 8})
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run([str(BIN / "gal-train"), "-m", f"data.path={shards}", f"run_dir={sweep_dir}", *TRAIN_COMMON,
                            "logger.wandb=false", "logger.console=false", "trainer.max_tokens=1536",
