@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass, replace
 
 from launch.env import check_topology
 from model.config import GalacticaConfig
+from pretrain.cli import fail
 from pretrain.config import (CONF_DIR, ConfigError, divisible_global_batch_samples, global_batch_samples, model_preset,
                              model_sizes)
 
@@ -501,8 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p = plan(lay)
     except ConfigError as e:
-        print(f"gal-plan: error: {e}", file=sys.stderr)
-        return 2
+        fail("gal-plan", str(e))
     if args.json:
         print(json.dumps(p, indent=2))
     else:

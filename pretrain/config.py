@@ -6,7 +6,6 @@ together, and every error names the config key to change.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from model.config import GalacticaConfig
 
@@ -170,10 +169,8 @@ def register() -> None:
 
 
 def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, world_size: int) -> None:
-    """Reject settings that cannot work, naming the key (token counts given as floats, 450e9, become
-    ints here). Shapes come from the model and the shards."""
+    """Reject settings that cannot work, naming the key. Shapes come from the model and the shards."""
     t, d = cfg.trainer, cfg.deepspeed
-    _whole_token_counts(cfg)
     _positive(cfg)
     tp = t.tensor_parallel  # >= 1 and dividing the world size: launch.env.check_topology, called first
     try:
@@ -222,9 +219,16 @@ NON_NEGATIVE_KEYS = ("optim.warmup_tokens", "optim.weight_decay", "optim.grad_cl
                      "validation.after_boundary_points")
 
 
-# Token counts: typed float so that 450e9 is accepted on the command line; made ints by validate().
+# Token counts: typed float so that 450e9 is accepted on the command line; made ints by typed().
 TOKEN_KEYS = ("trainer.global_batch_tokens", "trainer.max_tokens", "optim.warmup_tokens", "checkpoint.interval_tokens",
               "validation.interval_tokens", "validation.after_boundary_tokens")
+
+
+def typed(cfg: DictConfig) -> TrainConfig:
+    """The composed config as a TrainConfig, token counts as the whole numbers they are (450e9 → int)."""
+    out: TrainConfig = OmegaConf.to_object(cfg)
+    _whole_token_counts(out)
+    return out
 
 
 def _whole_token_counts(cfg: TrainConfig) -> None:
@@ -266,6 +270,9 @@ def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
     m = asdict(cfg.model)
     del m["size"]
     m["vocab_size"] = m["vocab_size"] or manifest["vocab_size"]
+    if m["vocab_size"] < manifest["vocab_size"]:
+        raise ConfigError(f"model.vocab_size={m['vocab_size']} is below the shards' vocabulary of "
+                          f"{manifest['vocab_size']} (manifest.json): leave it unset, or set it at least that large")
     try:
         return GalacticaConfig(**m)
     except ValueError as e:
@@ -305,9 +312,7 @@ def model_shape(model_cfg: GalacticaConfig) -> dict[str, int]:
 
 def config_hash(cfg: TrainConfig, data_identity: str) -> str:
     """A digest of HASHED_KEYS and the data's identity (its shards' and tokenizer's hashes, not its path);
-    token counts count as the whole numbers they are (3.75e8 = 375000000)."""
-    cfg = copy.deepcopy(cfg)
-    _whole_token_counts(cfg)
+    token counts are whole numbers already (:func:`typed`)."""
     keep = {"data_identity": data_identity}
     for key in HASHED_KEYS:
         node = cfg

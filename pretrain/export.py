@@ -22,13 +22,13 @@ import argparse
 import contextlib
 import io
 import pickle
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from pretrain.cli import fail
 from pretrain.config import ConfigError
 from pretrain.trainer import checkpoint
 
@@ -88,14 +88,14 @@ def load_run_config(run_dir: Path):
     """The run's TrainConfig (its model and data sections) from RUN_DIR/config.yaml."""
     from omegaconf import OmegaConf
 
-    from pretrain.config import TrainConfig
+    from pretrain.config import TrainConfig, typed
 
     path = run_dir / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{path} is missing: {run_dir} is not a gal-train run directory")
     saved = OmegaConf.load(path)
     sections = {k: saved[k] for k in ("model", "data") if k in saved}
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), sections, {"run_dir": str(run_dir)}))
+    return typed(OmegaConf.merge(OmegaConf.structured(TrainConfig), sections, {"run_dir": str(run_dir)}))
 
 
 def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         export(args.run_dir, args.out_dir, tag=args.tag, tokenizer=args.tokenizer, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
-        sys.exit(f"gal-export: error: {e}")
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        fail("gal-export", str(e))
 
 
 if __name__ == "__main__":

@@ -7,30 +7,25 @@ Keys: conf/prepare.yaml and pretrain/data/config.py. The pipeline: pretrain/data
 """
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import CONF_DIR, ConfigError
+from pretrain.cli import hydra_app
 from pretrain.data.config import register
-from pretrain.data.read import BadInput
 
 register()
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="prepare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     from rich.console import Console
 
     from pretrain.data.pipeline import prepare, summary_table
-    try:
-        manifest = prepare(OmegaConf.to_object(cfg), progress=True)
-    except (ConfigError, BadInput, ValueError, FileExistsError, FileNotFoundError) as e:  # clear, named causes
-        print(f"gal-prepare: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    manifest = prepare(OmegaConf.to_object(cfg), progress=True)
     Console(stderr=True).print(summary_table(manifest))
     print(manifest["output"])
+
+
+def main() -> None:
+    hydra_app("gal-prepare", "prepare", _task)
 
 
 if __name__ == "__main__":

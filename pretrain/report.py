@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from pretrain.analysis import doubledescent, sweep
+from pretrain.cli import fail
 from pretrain.analysis.records import read_metrics
 
 R_STAR_D = 15.4  # Muennighoff et al. 2023, fitted R*_D
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             config = doubledescent.DetectConfig(min_bump_noise=a.min_bump_noise, smooth_points=a.smooth_points)
             paths = report(a.run_dir, a.out, config)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"gal-report: error: {e}")
+        fail("gal-report", str(e))
     for kind, path in paths.items():
         print(f"wrote {path}")
 

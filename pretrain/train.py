@@ -12,18 +12,19 @@ and the exit codes are described there and in docs/architecture.md).
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
-import hydra
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch.env import detect
 from launch.slurm import requeue_if_preempted
-from pretrain.config import CONF_DIR, ConfigError, TrainConfig, register
+from pretrain.cli import expected_message, hydra_app
+from pretrain.config import register, typed
 from pretrain.trainer.loop import EXIT_DONE, EXIT_LOSS_GUARD, EXIT_PREEMPTED, fit  # noqa: F401 (the exit codes)
 from pretrain.trainer.setup import build_run
 
@@ -32,21 +33,28 @@ register()
 
 def run(cfg: DictConfig) -> int:
     """Train the run ``cfg`` describes; returns the exit code."""
-    typed: TrainConfig = OmegaConf.to_object(cfg)
     hydra_run = HydraConfig.initialized()
-    if hydra_run and not typed.logger.group and HydraConfig.get().mode == RunMode.MULTIRUN:
-        typed.logger.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's points group in wandb
-    run_dir = Path(HydraConfig.get().runtime.output_dir if hydra_run else typed.run_dir)
-    return fit(build_run(typed, run_dir, detect()))
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir if hydra_run else cfg.run_dir)
     try:
-        code = run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train_cfg = typed(cfg)
+        if hydra_run and not train_cfg.logger.group and HydraConfig.get().mode == RunMode.MULTIRUN:
+            train_cfg.logger.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's points group in wandb
+        return fit(build_run(train_cfg, run_dir, detect()))
+    except Exception as e:
+        if expected_message(e) is not None:
+            discard_if_empty(run_dir)
+        raise
+
+
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote into it before the run failed."""
+    hydra_only = {".hydra", "train.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_only:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _task(cfg: DictConfig) -> None:
+    code = run(cfg)
     if dist.get_rank() == 0:
         requeue_if_preempted(code)
     if code:
@@ -55,7 +63,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    _hydra_main()
+    hydra_app("gal-train", "config", _task)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pretrain.cli import fail
 from pretrain.data.shards import MANIFEST
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data_path", type=Path, help="a gal-prepare output directory (manifest.json, train/, valid/)")
     args = parser.parse_args(argv)
     if not (args.data_path / MANIFEST).exists():
-        sys.exit(f"gal-verify: error: {args.data_path}: no {MANIFEST}; not a gal-prepare output directory")
+        fail("gal-verify", f"{args.data_path}: no {MANIFEST}; not a gal-prepare output directory")
     dirs = split_dirs(args.data_path)
     total = sum(s["bytes"] for d in dirs for s in json.loads((d / "index.json").read_text())["shards"])
     with tqdm(total=total, unit="B", unit_scale=True, desc="gal-verify", file=sys.stderr) as bar:

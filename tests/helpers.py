@@ -151,6 +151,18 @@ def events(run_dir: Path, name: str) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
 
 
+def train_cfg(*overrides: str):
+    """conf/config.yaml with the tiny-2l model and command-line style overrides, as gal-train sees it
+    (a TrainConfig)."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.config import CONF_DIR, register, typed
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return typed(compose("config", overrides=["model=tiny-2l", "run_dir=unused", *overrides]))
+
+
 # ----------------------------------------------------------------------------- gal-prepare
 def make_cfg(*overrides: str):
     """conf/prepare.yaml with command-line style overrides, as gal-prepare would see it (a PrepareConf)."""

@@ -50,7 +50,7 @@ if _dir and "RANK" in os.environ:
     atexit.register(_exit_together)
 '''
 
-MESSAGE = ("error: trainer.global_batch_tokens=128 gives 4 sequences of 32 tokens, not divisible by "
+MESSAGE = ("gal-train: error: trainer.global_batch_tokens=128 gives 4 sequences of 32 tokens, not divisible by "
            "trainer.micro_batch_size=3 × 2 data-parallel ranks; e.g. trainer.global_batch_tokens=192")
 
 
@@ -90,7 +90,7 @@ def test_bad_batch_fails_on_every_rank_before_the_rendezvous(tmp_path):
     # both ranks ran to their exit, and neither joined a process group
     assert sorted(p.name for p in marks.iterdir()) == ["exit.0", "exit.1"], output
     # one line per rank, the same line, and no traceback of ours
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("gal-train: error:")]
     assert errors == [MESSAGE, MESSAGE], output
     assert "ConfigError" not in proc.stderr, output
     # quickly: the time to start Python, import the trainer and read the shards' index (a rank waiting

@@ -8,20 +8,11 @@ import copy
 import pytest
 import torch
 
-from pretrain.config import CONF_DIR, ConfigError, TrainConfig, model_preset, register
+from helpers import train_cfg
+from pretrain.config import ConfigError, model_preset
 from pretrain.trainer.schedule import lr_lambda, refresh_lr, warmup_steps
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-
-
-def train_cfg(*overrides: str) -> TrainConfig:
-    """conf/config.yaml with the tiny-2l model and command-line style overrides, as gal-train sees it."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=["model=tiny-2l", "run_dir=unused", *overrides]))
 
 
 # ----------------------------------------------------------------------------- the schedule

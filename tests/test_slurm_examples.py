@@ -5,12 +5,11 @@ import shlex
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from helpers import REPO
 from launch import plan
 from launch.env import check_topology
-from pretrain.config import TrainConfig, model_config, register, validate
+from pretrain.config import TrainConfig, model_config, register, typed, validate
 
 GPUS_PER_NODE = 8  # the examples' --gpus-per-node (slurm/pretrain.sbatch's default)
 
@@ -35,14 +34,14 @@ def test_example_composes_validates_and_fits(path):
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    typed: TrainConfig = OmegaConf.to_object(cfg)
-    model = model_config(typed, {"vocab_size": 50000})
+    train_cfg: TrainConfig = typed(cfg)
+    model = model_config(train_cfg, {"vocab_size": 50000})
     world = nodes * GPUS_PER_NODE
-    check_topology(world, typed.trainer.tensor_parallel, GPUS_PER_NODE, gpus=True)  # TP divides, within a node
-    validate(typed, seq_len=2048, model_cfg=model, world_size=world)  # raises ConfigError naming the key
+    check_topology(world, train_cfg.trainer.tensor_parallel, GPUS_PER_NODE, gpus=True)  # TP divides, within a node
+    validate(train_cfg, seq_len=2048, model_cfg=model, world_size=world)  # raises ConfigError naming the key
     zero = int(cfg.deepspeed.zero_stage)
-    est = plan.plan(plan.Layout(model=typed.model.size, nodes=nodes, gpus_per_node=GPUS_PER_NODE,
-                                tp=typed.trainer.tensor_parallel, zero=zero, micro_batch=typed.trainer.micro_batch_size,
-                                activation_checkpointing=typed.model.activation_checkpointing,
-                                global_batch_tokens=typed.trainer.global_batch_tokens))
+    est = plan.plan(plan.Layout(model=train_cfg.model.size, nodes=nodes, gpus_per_node=GPUS_PER_NODE,
+                                tp=train_cfg.trainer.tensor_parallel, zero=zero, micro_batch=train_cfg.trainer.micro_batch_size,
+                                activation_checkpointing=train_cfg.model.activation_checkpointing,
+                                global_batch_tokens=train_cfg.trainer.global_batch_tokens))
     assert est["fits"], f"{path.name}: gal-plan says this layout does not fit: {est['memory_per_gpu']}"

@@ -161,8 +161,8 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_a_killed_ones
         while not any(r.get("step", 0) >= 3 for r in steps(run)):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             time.sleep(0.05)
-        second = train(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false", expect=1)
-        (line,) = [x for x in second.stderr.splitlines() if x.startswith("error:")]
+        second = train(1, run, shards, "trainer.max_epochs=50", "logger.wandb=false", expect=2)
+        (line,) = [x for x in second.stderr.splitlines() if x.startswith("gal-train: error:")]
         assert f"is in use by another gal-train (host {os.uname().nodename}, pid " in line
         assert "Traceback" not in second.stderr
     finally:
@@ -186,25 +186,6 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shards,
     assert events(run, "start")[-1]["step"] == 2
     assert [r["step"] for r in steps(run)] == [1, 2, 3, 4, 5, 6]
     assert (run / "checkpoints" / "latest").read_text() == "step00000006"
-
-
-@pytest.mark.parametrize("damage", ["deleted", "emptied", "garbage", "missing tag"])
-def test_a_lost_latest_resumes_from_the_newest_complete_checkpoint_and_deletes_none(damage, shards, tmp_path):
-    run = tmp_path / "run"
-    args = ["trainer.max_tokens=768", "checkpoint.interval_tokens=256", "checkpoint.keep_last=2", "logger.wandb=false"]
-    train(1, run, shards, *args)  # checkpoints at steps 2, 4, 6; keep_last=2 leaves 4 and 6
-    ckpts = run / "checkpoints"
-    latest = ckpts / "latest"
-    {"deleted": latest.unlink, "emptied": lambda: latest.write_text(""),
-     "garbage": lambda: latest.write_bytes(b"\x00\xffnot a tag"),
-     "missing tag": lambda: latest.write_text("step00000099")}[damage]()
-    proc = train(1, run, shards, *args[1:], "trainer.max_tokens=1024")
-    warning = [x for x in proc.stderr.splitlines() if x.startswith("warning:") and "newest complete" in x]
-    assert len(warning) == 1 and "step00000006" in warning[0]
-    assert events(run, "start")[-1]["step"] == 6 and [r["step"] for r in steps(run)] == list(range(1, 9))
-    # keep_last=2 of the run's own line: 6 (resumed from) and 8; nothing else was there to lose
-    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000006", "step00000008"]
-    assert latest.read_text() == "step00000008"
 
 
 def test_nan_loss_skips_the_update_and_k_in_a_row_stop_cleanly(shards, tmp_path):
@@ -248,15 +229,6 @@ def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):
     assert config["optim"]["lr_max"] == 2e-3 and config["model"]["size"] == "tiny-2l"
 
 
-def test_config_errors_name_the_key(shards, tmp_path):
-    proc = train(1, tmp_path / "a", shards, "trainer.max_tokens=256", "trainer.micro_batch_size=3", expect=1)
-    assert "trainer.global_batch_tokens=128" in proc.stderr and "trainer.micro_batch_size=3" in proc.stderr
-    proc = train(1, tmp_path / "b", shards, "trainer.max_tokens=256", "data.path=/nonexistent", expect=1)
-    assert "data.path=/nonexistent" in proc.stderr
-    proc = train(1, tmp_path / "c", shards, "trainer.max_tokens=256", "trainer.tensor_parallel=3", expect=1)
-    assert "trainer.tensor_parallel=3" in proc.stderr
-
-
 def test_resume_ignores_runtime_knobs_and_refuses_another_model_shape(shards, tmp_path):
     run = tmp_path / "run"
     train(1, run, shards, "trainer.max_tokens=256", "logger.wandb=false")
@@ -268,7 +240,7 @@ def test_resume_ignores_runtime_knobs_and_refuses_another_model_shape(shards, tm
     assert events(run, "start")[-1]["resumed"] is True
     proc = train(1, run, moved, "trainer.max_tokens=512", "logger.wandb=false", "optim.lr_max=1e-3")
     assert "warning: resuming" in proc.stderr and "optim" in proc.stderr  # a changed optimizer only warns
-    proc = train(1, run, moved, "trainer.max_tokens=640", "logger.wandb=false", "model.n_layers=3", expect=1)
-    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    proc = train(1, run, moved, "trainer.max_tokens=640", "logger.wandb=false", "model.n_layers=3", expect=2)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("gal-train: error:")]
     assert "model.n_layers=3 (saved: 2)" in line and "step00000004" in line
     assert "Traceback" not in proc.stderr and events(run, "start")[-1]["step"] == 3  # nothing was loaded

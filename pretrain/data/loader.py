@@ -223,14 +223,14 @@ class EpochLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if "streams" not in state:
-            raise ValueError("checkpoint from the single-stream loader (shards of the old layout): start a new run")
+            raise ValueError("written by the single-stream loader (shards of the old layout)")
         planned = {s.name: len(s.ids) for s in self.streams}
         saved = {name: v["samples"] for name, v in state["streams"].items()}
         if saved != planned:
-            raise ValueError(f"checkpoint was written for the streams {saved} (stream: samples), the config and "
-                             f"shards give {planned}: another data.mixture, data.repeat or dataset")
+            raise ValueError(f"written for the streams {saved} (stream: samples), the config and shards give "
+                             f"{planned}: another data.mixture, data.repeat or dataset")
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint used data seed {state['seed']}, the config says {self.seed}")
+            raise ValueError(f"data.seed={self.seed}, but the checkpoint used data.seed={state['seed']}")
         self._stop_prefetch()
         self.consumed_samples = int(state["consumed_samples"])
         self.drawn = np.array([state["streams"][s.name]["drawn"] for s in self.streams], np.int64)

@@ -10,6 +10,8 @@ Templates come from the corpus config (`conf/corpus/*.yaml`), see :class:`Source
               last: "C9H13NO2", "H4N+"); a SMILES RDKit cannot parse renders nothing, so its part is
               left out (the document is kept; the manifest counts these as `no_formula`)
 Text fields are cleaned (:func:`clean_text`); `<work>` and markup already in the input are kept.
+Every template field is a JSON string, except a `|properties` one: an object of strings, numbers or
+booleans (:func:`check_field`; anything else is an `invalid_field` line).
 
 :meth:`Renderer.formula_probe` gives the chemistry probe's view of a record (pretrain/evaluation/probes.py):
 the document text up to its formula, and the formula itself.
@@ -35,6 +37,25 @@ class RecordError(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
+
+
+def json_type(value: Any) -> str:
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+            dict: "object"}.get(type(value), "null")
+
+
+def check_field(field: str, value: Any, formatter: str | None) -> None:
+    """The type of a template field's value: a string; for `|properties`, an object without arrays or objects."""
+    if formatter != "properties":
+        if not isinstance(value, str):
+            raise RecordError("invalid_field", f"field {field!r} is a JSON {json_type(value)}, not a string")
+        return
+    if not isinstance(value, dict):
+        raise RecordError("invalid_field", f"field {field!r} is a JSON {json_type(value)}, not an object")
+    for key, item in value.items():
+        if isinstance(item, (list, dict)):
+            raise RecordError("invalid_field", f"field {field!r}: property {key!r} is a JSON {json_type(item)}, "
+                              "not a string or number")
 
 
 def smiles_span(s: str) -> str:
@@ -135,6 +156,7 @@ class Renderer:
                 value = record.get(field)
                 if value is None or value == "" or value == {} or value == []:
                     break  # an absent optional field drops the whole part
+                check_field(field, value, formatter)
                 value = self._format(source, value, formatter)
                 if not value:
                     break
@@ -157,8 +179,6 @@ class Renderer:
         if formatter == "dna":
             return _sequence_span(DNA, "[START_DNA]", "[END_DNA]")(str(value))
         if formatter == "properties":
-            if not isinstance(value, dict):
-                raise RecordError("bad_field", f"properties must be a JSON object, got {type(value).__name__}")
             return "\n".join(f"{clean_text(str(k), self.unicode_form)}: {clean_text(str(v), self.unicode_form)}"
                              for k, v in value.items())
         text = clean_text(str(value), self.unicode_form)

@@ -20,6 +20,7 @@ import heapq
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .config import PAPER_VOCAB_SIZE, SAMPLE_VOCAB_SIZE, PrepareConf, SourceFormat, validate
+from .config import PAPER_VOCAB_SIZE, SAMPLE_VOCAB_SIZE, ConfigError, PrepareConf, SourceFormat, validate
 from .dedup import Deduplicator, Signer, content_hash
 from .markup import RecordError, Renderer
 from .read import BadInput, RawLine, expand_inputs, iter_lines
@@ -40,6 +41,7 @@ SAMPLE_DIR = Path(__file__).parent / "sample"
 FORMAT_VERSION = "galactica-shards-v2"  # v2: train/<source>/ (v1: one train/ for all sources)
 LINES_PER_BATCH = 256
 DOCS_PER_BATCH = 128
+MAX_BAD_LINES = 100  # the manifest's bad_lines: where the first skipped bad lines are
 
 
 def builtin_sample_files() -> list[Path]:
@@ -57,9 +59,26 @@ def _init_clean(formats: dict[str, SourceFormat], unicode_form: str, min_chars: 
     _W["limits"] = (min_chars, max_chars)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, field: str) -> str | None:
+    """Where a lone UTF-16 surrogate (a JSON escape such as \\ud800 without its pair) is in a parsed value,
+    or None: such a string cannot be written as UTF-8."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return f"lone surrogate U+{ord(m.group()):04X} at character {m.start()} of field {field!r}" if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(key, field) or _lone_surrogate(item, field)
+        if found:
+            return found
+    return None
+
+
 def _clean_one(raw: RawLine) -> tuple:
-    if raw.data is None:
-        return ("bad", raw.file_index, raw.line, "line_too_long", "line longer than max_line_bytes")
+    if raw.problem is not None:
+        return ("bad", raw.file_index, raw.line, *raw.problem)
     try:
         line = raw.data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -70,6 +89,12 @@ def _clean_one(raw: RawLine) -> tuple:
         return ("bad", raw.file_index, raw.line, "invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
     if not isinstance(record, dict):
         return ("bad", raw.file_index, raw.line, "invalid_json", f"a JSON {type(record).__name__}, not an object")
+    if "\\u" in line:  # only an escape makes a surrogate
+        for key, value in record.items():
+            found = _lone_surrogate(key, str(key)) or _lone_surrogate(value, str(key))
+            if found:
+                return ("bad", raw.file_index, raw.line, "invalid_unicode", f"{found} (invalid Unicode); fix the "
+                        "writer of this file")
     for key in ("id", "source"):
         if not isinstance(record.get(key), (str, int)) or record.get(key) == "":
             return ("bad", raw.file_index, raw.line, "missing_field", f"field {key!r} is missing or not a string")
@@ -83,7 +108,7 @@ def _clean_one(raw: RawLine) -> tuple:
     try:
         text, probe = renderer.render_with_probe(source, record)
     except RecordError as e:
-        if e.reason in ("missing_field", "empty_document"):
+        if e.reason in ("missing_field", "empty_document", "invalid_field"):
             return ("bad", raw.file_index, raw.line, e.reason, f"document {doc_id!r}: {e}")
         return ("drop", source, e.reason)
     if not text:
@@ -148,6 +173,8 @@ class Stats:
         self.drops_by_source: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.counts: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
             lambda: {"train": collections.Counter(), "valid": collections.Counter()})
+        self.errors_by_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.bad_lines: list[dict] = []  # the first MAX_BAD_LINES skipped bad lines: file, line, reason
         self.lines = 0
         self.input_bytes = 0
         self.probes: collections.Counter = collections.Counter()  # probe records written per source
@@ -176,7 +203,7 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
     def batches() -> Iterator[list[RawLine]]:
         for batch in _batched(lines(), LINES_PER_BATCH):
             yield batch
-            nbytes = sum(len(r.data) if r.data is not None else cfg.max_line_bytes for r in batch)
+            nbytes = sum(len(r.data) if r.data is not None else r.size for r in batch)
             stats.lines += len(batch)
             stats.input_bytes += nbytes
             bar.update(nbytes)
@@ -196,6 +223,9 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                         if cfg.on_error == "raise":
                             raise BadInput(str(files[file_index]), line, reason, detail)
                         stats.errors[reason] += 1
+                        stats.errors_by_file[str(files[file_index])][reason] += 1
+                        if len(stats.bad_lines) < MAX_BAD_LINES:
+                            stats.bad_lines.append({"file": str(files[file_index]), "line": line, "reason": reason})
                         continue
                     if kind == "drop":
                         _, source, reason = result
@@ -312,6 +342,18 @@ def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size
     return {name: p.finish() for name, p in sorted(packers.items())}
 
 
+def _check_writable(out: Path) -> None:
+    """The output's parent must be a directory this process can write (it is created when missing)."""
+
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output={out}: {parent} is a file, not a directory; choose another output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output={out}: {parent} is not writable by this user; choose another output")
+
+
 def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
     """Run the whole pipeline; returns the manifest (also written to OUTPUT/manifest.json)."""
     validate(cfg)
@@ -321,6 +363,7 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
     if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output={out} is not a gal-prepare shard set (no manifest.json): overwrite=true "
                               "replaces shard sets only; choose another output or remove it yourself")
+    _check_writable(out)
     builtin = cfg.input is None
     files = builtin_sample_files() if builtin else expand_inputs(cfg.input)
     if not files:
@@ -338,6 +381,7 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
         t0 = time.perf_counter()
         work = tmp / "work" / "documents.jsonl"
         sample = _pass1(cfg, files, work, workers, stats, progress)
+        _require_training_documents(files, stats)
         timing["clean_dedup_split_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         tok = _train_tokenizer(cfg, work, sample, tmp / "tokenizer", vocab_size, workers, progress)
@@ -363,6 +407,19 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
         raise
     manifest["output"] = str(out)
     return manifest
+
+
+def _require_training_documents(files: list[Path], stats: Stats) -> None:
+    """ConfigError when the input left no training document (empty, or every line bad or dropped)."""
+    if any(c["train"]["documents"] for c in stats.counts.values()):
+        return
+    kept = sum(c["valid"]["documents"] for c in stats.counts.values())
+    errors = ", ".join(f"{k} {v:,}" for k, v in sorted(stats.errors.items())) or "none"
+    drops = ", ".join(f"{k} {v:,}" for k, v in sorted(stats.drops.items())) or "none"
+    raise ConfigError(f"input: no training documents left from {len(files)} file(s) ({files[0]}"
+                      f"{', ...' if len(files) > 1 else ''}): {stats.lines:,} lines read, {kept:,} held out for "
+                      f"validation; bad lines skipped: {errors}; dropped: {drops}; check that input= names the "
+                      "right, non-empty JSONL files (and clean.min_chars, clean.max_chars, split.valid_fraction)")
 
 
 def _remove_stale_temporaries(out: Path) -> None:
@@ -400,6 +457,8 @@ def _manifest(cfg, files, stats: Stats, splits, tok, sample, timing, workers) ->
         "totals": {split: {k: sum(v[split][k] for v in stats.counts.values()) for k in ("documents", "tokens", "chars")}
                    for split in ("train", "valid")},
         "errors": dict(sorted(stats.errors.items())),
+        "errors_by_file": {f: dict(sorted(c.items())) for f, c in stats.errors_by_file.items()},
+        "bad_lines": stats.bad_lines,
         "drops": dict(sorted(stats.drops.items())),
         "drops_by_source": {s: dict(sorted(c.items())) for s, c in sorted(stats.drops_by_source.items())},
         "dedup": {r: stats.drops[r] for r in sorted(dedup_reasons)},

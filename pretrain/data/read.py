@@ -24,7 +24,9 @@ class BadInput(ValueError):
 class RawLine:
     file_index: int
     line: int  # 1-based
-    data: bytes | None  # None when the line exceeded max_line_bytes (it was not kept in memory)
+    data: bytes | None  # None when the line has a problem (it was not kept in memory)
+    problem: tuple[str, str] | None = None  # (reason, detail) of a line that cannot be read: too long, truncated
+    size: int = 0  # bytes read for a line without data
 
 
 def expand_inputs(spec) -> list[Path]:
@@ -43,30 +45,77 @@ def expand_inputs(spec) -> list[Path]:
     return files
 
 
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame; EOFError (as gzip's) when the file
+    ends inside a frame, so that a truncated file is never read as a shorter complete one."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._frame = None  # the current frame's decompressobj
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos == len(self._out):
+            chunk = self._raw.read(1 << 17)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("compressed file ended before the end of its zstd frame")
+                return 0
+            self._out, self._pos = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            if self._frame is None or self._frame.eof:
+                self._frame = zstandard.ZstdDecompressor().decompressobj()
+            out.append(self._frame.decompress(chunk))
+            chunk = self._frame.unused_data if self._frame.eof else b""  # the next frame's start
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def open_binary(path: Path) -> BinaryIO:
     raw = open(path, "rb")
     if path.suffix == ".gz":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if path.suffix == ".zst":
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[return-value]
+        return io.BufferedReader(ZstdReader(raw), 1 << 20)  # type: ignore[return-value]
     return raw
 
 
 def iter_lines(path: Path, file_index: int, max_line_bytes: int, max_lines: int = 0) -> Iterator[RawLine]:
-    """Yield every non-blank line; a line longer than max_line_bytes is skipped over in chunks."""
+    """Yield every non-blank line; a line longer than max_line_bytes is skipped over in chunks and
+    yielded as a problem, as is the cut of a truncated .gz or .zst file (after the lines before it)."""
     with open_binary(path) as f:
         number = 0
-        while True:
-            data = f.readline(max_line_bytes + 1)
-            if not data:
+        while not (max_lines and number >= max_lines):
+            number += 1  # the line being read
+            try:
+                data = f.readline(max_line_bytes + 1)
+                size = len(data)
+                if size > max_line_bytes and not data.endswith(b"\n"):
+                    while data and not data.endswith(b"\n"):  # drain the rest of the long line
+                        data = f.readline(1 << 20)
+                        size += len(data)
+                    data = None
+            except EOFError:  # gzip's and ZstdReader's sign of a file cut short
+                yield RawLine(file_index, number, None, (
+                    "truncated", "the compressed file ends in the middle of its data (an interrupted download or "
+                    "copy?); the lines before were read; replace it with a complete copy"))
                 return
-            number += 1
-            if max_lines and number > max_lines:
+            if data is None:
+                yield RawLine(file_index, number, None, ("line_too_long", "line longer than max_line_bytes"), size)
+            elif not data:
                 return
-            if len(data) > max_line_bytes and not data.endswith(b"\n"):
-                while data and not data.endswith(b"\n"):  # drain the rest of the long line
-                    data = f.readline(1 << 20)
-                yield RawLine(file_index, number, None)
-                continue
-            if data.strip():
+            elif data.strip():
                 yield RawLine(file_index, number, data)

@@ -44,7 +44,14 @@ def read_manifest(data_path: str | Path) -> dict[str, Any]:
     path = Path(data_path) / MANIFEST
     if not path.exists():
         raise ConfigError(f"data.path={data_path}: no {MANIFEST} there; prepare shards with gal-prepare")
-    return json.loads(path.read_text())
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(f"{path}: not valid JSON ({e})") from None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -177,17 +184,20 @@ class ShardReader:
 
     def __init__(self, directory: str | Path, vocab_size: int | None = None):
         self.dir = Path(directory)
-        info_path = self.dir / "index.json"
-        if not info_path.exists():
-            raise FileNotFoundError(f"{info_path} is missing: not a gal-prepare split directory")
-        self.info = json.loads(info_path.read_text())
+        for name in ("index.json", "index.npy"):
+            if not (self.dir / name).is_file():
+                raise _corrupt(f"{self.dir / name} is missing")
+        self.info = _read_json(self.dir / "index.json")
         self.dtype = np.dtype(self.info["dtype"])
         self.sample_len = int(self.info["sample_len"])
         self.token_bytes = int(self.info["token_bytes"])
         self.paths = [str(self.dir / s["name"]) for s in self.info["shards"]]
-        self.index = np.load(self.dir / "index.npy", mmap_mode="r")
+        try:
+            self.index = np.load(self.dir / "index.npy", mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise _corrupt(f"{self.dir / 'index.npy'}: unreadable ({e})") from None
         if len(self.index) != self.info["num_samples"]:
-            raise ValueError(f"{self.dir}: index.npy has {len(self.index)} rows, index.json says {self.info['num_samples']}")
+            raise _corrupt(f"{self.dir / 'index.npy'}: {len(self.index)} rows, index.json says {self.info['num_samples']}")
         for path, shard in zip(self.paths, self.info["shards"]):
             size = os.path.getsize(path) if os.path.exists(path) else None
             if "bytes" in shard and size != shard["bytes"]:
@@ -253,7 +263,7 @@ class TrainSplit:
     order, so sample ``offsets[s] + i`` is sample ``i`` of source ``s``. Shard sets of the old layout (one
     ``train/`` for all sources) are refused with the command that re-prepares them."""
 
-    def __init__(self, data_path: str | Path):
+    def __init__(self, data_path: str | Path, vocab_size: int | None = None):
         from pretrain.config import ConfigError
 
         train = Path(data_path) / "train"
@@ -263,9 +273,7 @@ class TrainSplit:
         dirs = sorted(d for d in train.iterdir() if (d / "index.json").exists()) if train.is_dir() else []
         if not dirs:
             raise ConfigError(f"data.path={data_path}: no training shards under train/<source>/; prepare them with gal-prepare")
-        vocab = json.loads((Path(data_path) / MANIFEST).read_text()).get("vocab_size") \
-            if (Path(data_path) / MANIFEST).exists() else None
-        self.readers = {d.name: ShardReader(d, vocab) for d in dirs}
+        self.readers = {d.name: ShardReader(d, vocab_size) for d in dirs}
         self.sample_len = next(iter(self.readers.values())).sample_len
         self.offsets, start = {}, 0
         for name, r in self.readers.items():

@@ -25,6 +25,8 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
+from pretrain.config import ConfigError
+
 from .escape import SPAN_RE
 from .vocab import GALACTICA_TOKENS, MODEL_FILE, SPACE, SPECIAL_TOKENS
 
@@ -53,7 +55,7 @@ class GalacticaTokenizer:
         self.vocab_size = self._sp.get_piece_size()
         pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
         if pieces[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
-            raise ValueError(f"not a Galactica tokenizer: ids 0-{len(SPECIAL_TOKENS) - 1} are "
+            raise ConfigError(f"not a Galactica tokenizer: ids 0-{len(SPECIAL_TOKENS) - 1} are "
                              f"{pieces[:len(SPECIAL_TOKENS)]}, expected {SPECIAL_TOKENS}")
         self._special_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
         self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
@@ -73,7 +75,10 @@ class GalacticaTokenizer:
         model_file = path / MODEL_FILE if path.is_dir() else path
         if not model_file.is_file():
             raise FileNotFoundError(f"no tokenizer model at {model_file}")
-        return cls(model_file.read_bytes(), num_threads=num_threads)
+        try:
+            return cls(model_file.read_bytes(), num_threads=num_threads)
+        except (ConfigError, RuntimeError) as e:  # RuntimeError: sentencepiece cannot parse the file
+            raise ConfigError(f"{model_file}: {e}") from None
 
     @classmethod
     def train(cls, texts: Iterable[str], out_dir: str | Path, vocab_size: int = 50000, *,
@@ -124,8 +129,8 @@ class GalacticaTokenizer:
                 num_threads=num_threads, minloglevel=0 if progress else 2,
             )
         except RuntimeError as e:
-            raise ValueError(f"sentencepiece training failed (vocab_size={vocab_size}, "
-                             f"{len(chunks)} training chunks): {e}") from e
+            raise ConfigError(f"tokenizer.vocab_size={vocab_size}: sentencepiece training failed on "
+                              f"{len(chunks)} training chunks ({e}); a smaller vocabulary or more text") from e
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MODEL_FILE).write_bytes(model.getvalue())

@@ -30,8 +30,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass, field
+import pickle
 import random
+from dataclasses import dataclass, field
 import shutil
 import subprocess
 import sys
@@ -53,19 +54,29 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def is_complete(tag_dir: Path) -> bool:
-    """Whether a tag was completely written: its marker is there and every file it lists has its recorded
-    size (a tag from before markers existed counts when its layout file, written after every rank's
-    shards, is there)."""
+def damage(tag_dir: Path) -> str | None:
+    """Why a tag is not a complete checkpoint, naming the file; None when it is complete: its marker is
+    there and every file it lists has its recorded size (a tag from before markers existed counts when its
+    layout file, written after every rank's shards, is there)."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / COMPLETE
     if not marker.exists():
-        return (tag_dir / META).is_file()
+        return None if (tag_dir / META).is_file() else f"incomplete (no {COMPLETE}: its writing was interrupted)"
     try:
         files = json.loads(marker.read_text())["files"]
-        return all((tag_dir / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        for name, size in files.items():
+            path = tag_dir / name
+            if not path.is_file():
+                return f"damaged: {path} is missing"
+            if path.stat().st_size != size:
+                return f"damaged: {path} is {path.stat().st_size} bytes, {size} when written (truncated?)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"damaged: {marker} is unreadable"
+    return None
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return damage(tag_dir) is None
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -103,7 +114,7 @@ def find_latest(ckpt_dir: Path) -> tuple[str | None, str | None]:
     elif not (ckpt_dir / named).is_dir():
         why = f"{pointer} names {named[:60]!r}, which is not a checkpoint there"
     else:
-        why = f"{pointer} names {named!r}, which is incomplete"
+        why = f"{pointer} names {named!r}, which is {damage(ckpt_dir / named)}"
     return tags[-1], why
 
 
@@ -197,10 +208,11 @@ class Lineage:
         the resume point (writes killed in an earlier life of this run). Returns what was deleted."""
         ckpt_dir = Path(ckpt_dir)
         tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
-        mine = [t for t in tags if is_complete(ckpt_dir / t)
+        complete = {t: is_complete(ckpt_dir / t) for t in tags}
+        mine = [t for t in tags if complete[t]
                 and (t in self.written or (self.resumed_from is not None and t <= self.resumed_from))]
         stale = mine[:-max(keep_last, 1)]
-        stale += [t for t in tags if t > (self.resumed_from or "") and not is_complete(ckpt_dir / t)]
+        stale += [t for t in tags if t > (self.resumed_from or "") and not complete[t]]
         for old in stale:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         return stale
@@ -233,8 +245,7 @@ def resume_point(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if path.is_dir() and is_complete(path):
         return path.parent, path.name
     if path.is_dir() and path.name.startswith("step"):
-        raise ConfigError(f"resume={resume}: an incomplete checkpoint (no valid {COMPLETE}); "
-                          f"complete ones beside it: {', '.join(complete_tags(path.parent)) or 'none'}")
+        raise ConfigError(f"resume={resume}: {damage(path)}; {_previous(path.parent, path.name)}")
     raise ConfigError(f"resume={resume}: no checkpoint there")
 
 
@@ -266,12 +277,42 @@ def load(engine, ckpt_dir: Path, tag: str | None = None) -> dict:
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no '{LATEST}' file)")
-    load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        from pretrain.config import ConfigError
+
+        bad = unreadable_file(ckpt_dir / tag) or (ckpt_dir / tag, e)
+        raise ConfigError(f"{bad[0]}: unreadable ({_first_line(bad[1])}); {_previous(ckpt_dir, tag)}") from e
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     if client_state.get("world_size") == dist.get_world_size():
         set_rng_state(client_state["rng"][dist.get_rank()])
     return client_state
+
+
+def unreadable_file(tag_dir: Path) -> tuple[Path, Exception] | None:
+    """The first of a tag's files that ``torch.load(weights_only=True)`` cannot read, with its error."""
+    _allow_deepspeed_globals()
+    for path in sorted(Path(tag_dir).rglob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (any failure names the file)
+            return path, e
+    return None
+
+
+def _previous(ckpt_dir: Path, tag: str) -> str:
+    """What to resume from instead of ``tag``: the newest complete checkpoint before it."""
+    older = [t for t in complete_tags(ckpt_dir) if t < tag]
+    if older:
+        return f"resume from the previous complete checkpoint: resume={Path(ckpt_dir) / older[-1]}"
+    return "no earlier complete checkpoint is there: start again with resume=none"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def validation_round(run: Run, reason: str) -> None:
 
 def save_checkpoint(run: Run) -> None:
     tag = checkpoint.save(run.engine, run.ckpt_dir, run.state.step,
-                          client_state(run.loader, run.state, run.config_hash), run.cfg.checkpoint.keep_last,
+                          client_state(run.loader, run.state, run.cfg, run.config_hash), run.cfg.checkpoint.keep_last,
                           model_shape=model_shape(run.model_cfg), lineage=run.lineage,
                           before_commit=run.drills.before_commit)
     run.metrics.event("checkpoint", step=run.state.step, tokens_seen=run.state.tokens_seen, tag=tag)

@@ -72,13 +72,13 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
                    gpus=pick_device(cfg, env).type == "cuda")
     path = Path(cfg.data.path)
     manifest = read_manifest(path)
-    train = TrainSplit(path)
+    model_cfg = model_config(cfg, manifest)
+    train = TrainSplit(path, vocab_size=model_cfg.vocab_size)  # ids at or above it are named, shard and sample
     r = cfg.data.repeat
     streams = plan_streams({name: train.ids(name) for name in train.sources}, mixture=cfg.data.mixture,
                            repeat_source=r.source, repeat_samples=r.samples, repeat_fraction=r.fraction,
                            seed=cfg.data.seed)
     seq_len = train.sample_len - 1
-    model_cfg = model_config(cfg, manifest)
     validate(cfg, seq_len=seq_len, model_cfg=model_cfg, world_size=world_size)
     t = cfg.trainer
     gbs = global_batch_samples(t.global_batch_tokens, seq_len)
@@ -92,6 +92,10 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
 
 def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
     want = cfg.trainer.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device=cuda, but this process sees no CUDA GPU (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use trainer.device=auto or cpu, "
+                          "or run on a GPU node")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
@@ -134,20 +138,30 @@ def build_engine(cfg: TrainConfig, model_cfg: GalacticaConfig, shapes: Shapes, d
     return engine, EngineInfo(ds_config, warmup, params, flops)
 
 
-def client_state(loader: EpochLoader, state: TrainState, cfg_hash: str) -> dict:
+def client_state(loader: EpochLoader, state: TrainState, cfg: TrainConfig, cfg_hash: str) -> dict:
     """What a checkpoint carries beside DeepSpeed's own state (RNG states are added by checkpoint.save)."""
-    return {"loader": loader.state_dict(), "train_state": asdict(state), "config_hash": cfg_hash,
+    return {"loader": loader.state_dict(), "train_state": asdict(state), "config_hash": cfg_hash, "seed": cfg.seed,
             "universal_checkpoint_info": {}}
 
 
-def restore(engine, loader: EpochLoader, start: tuple[Path, str], universal: bool, cfg_hash: str) -> TrainState:
+def restore(engine, loader: EpochLoader, start: tuple[Path, str], universal: bool, cfg: TrainConfig,
+            cfg_hash: str) -> TrainState:
     """Load a checkpoint into the engine and loader; returns the loop's counters."""
+    where = start[0] / start[1]
     client = checkpoint.load(engine, checkpoint.to_universal(*start) if universal else start[0], start[1])
-    loader.load_state_dict(client["loader"])
+    try:
+        loader.load_state_dict(client["loader"])
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}; resume with the checkpoint's data settings, or start a new run "
+                          "(another run_dir, or resume=none)") from None
     refresh_lr(engine)
-    if client.get("config_hash") != cfg_hash and dist.get_rank() == 0:
-        print(f"warning: resuming {start[0] / start[1]} with changed training data or settings "
-              f"({', '.join(HASHED_KEYS)}, or the shards' content)", file=sys.stderr)
+    if dist.get_rank() == 0:
+        if client.get("seed", cfg.seed) != cfg.seed:
+            print(f"warning: seed={cfg.seed}, but {where} was trained with seed={client['seed']}: the run goes on "
+                  "with the checkpoint's RNG states (a new seed takes a new run)", file=sys.stderr)
+        elif client.get("config_hash") != cfg_hash:
+            print(f"warning: resuming {where} with changed training data or settings "
+                  f"({', '.join(HASHED_KEYS)}, or the shards' content)", file=sys.stderr)
     return TrainState(**client["train_state"])
 
 
@@ -161,6 +175,10 @@ def saved_layout(cfg: TrainConfig, model_cfg: GalacticaConfig, start: tuple[Path
     if saved["tp_size"] != cfg.trainer.tensor_parallel:
         raise ConfigError(f"trainer.tensor_parallel={cfg.trainer.tensor_parallel}, but {where} was "
                           f"saved with tensor parallelism {saved['tp_size']}: resume with the same TP size")
+    if saved.get("zero_stage", cfg.deepspeed.zero_stage) != cfg.deepspeed.zero_stage:
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}, but {where} was saved under ZeRO stage "
+                          f"{saved['zero_stage']}, whose optimizer shards another stage cannot read: resume with "
+                          f"deepspeed=zero{saved['zero_stage']} (the stage changes only with a new run)")
     changed = {k: (v, getattr(model_cfg, k)) for k, v in saved.get("model_shape", {}).items()
                if v != getattr(model_cfg, k)}
     if changed:
@@ -207,40 +225,45 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     drills = Drills.from_config(cfg.trainer.inject_nan_at_steps)
     device = init_distributed(cfg, env)
     lock = take_run_dir(run_dir)
-    start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
-    universal = saved_layout(cfg, model_cfg, start)
-    engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
-    loader = EpochLoader(data.train, data.streams, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
-                         dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
-                         pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
-    cfg_hash = config_hash(cfg, data_identity(data.path, data.manifest))
-    state = restore(engine, loader, start, universal, cfg_hash) if start else TrainState()
-    is_main = dist.get_rank() == 0
-    if is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(info.ds_config, indent=2))
-    metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), use_wandb=cfg.logger.wandb,
-                      project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name,
-                      console=cfg.logger.console, resume_step=state.step)
-    peak, peak_source = peak_flops(device)
-    metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=info.params,
-                  world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),
-                  zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
-                  seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
-                  train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
-                  drills=drills.active)
-    schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
-    validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,
-                          seq_len=shapes.seq_len, tokens_between_rounds=schedule.tokens_between_rounds)
-    return Run(cfg=cfg, model_cfg=model_cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
-               validator=validator, schedule=schedule, state=state,
-               guard=LossGuard(cfg.trainer, state), preemption=Preemption(), drills=drills, metrics=metrics,
-               timer=StepTimer(info.flops_per_token, peak, dist.get_world_size()),
-               sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
-               progress=Progress(metrics.console, shapes.total_steps, state.step, enabled=is_main),
-               watch=DoubleDescentWatch(run_dir / "metrics.jsonl") if is_main and cfg.validation.enabled else None,
-               config_hash=cfg_hash, lineage=checkpoint.Lineage(resumed_from=_own_tag(start, run_dir)), lock=lock)
+    try:
+        start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
+        universal = saved_layout(cfg, model_cfg, start)
+        engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
+        loader = EpochLoader(data.train, data.streams, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
+                             dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
+                             pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
+        cfg_hash = config_hash(cfg, data_identity(data.path, data.manifest))
+        state = restore(engine, loader, start, universal, cfg, cfg_hash) if start else TrainState()
+        is_main = dist.get_rank() == 0
+        if is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(info.ds_config, indent=2))
+        metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), use_wandb=cfg.logger.wandb,
+                          project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name,
+                          console=cfg.logger.console, resume_step=state.step)
+        peak, peak_source = peak_flops(device)
+        metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=info.params,
+                      world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),
+                      zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
+                      seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
+                      train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
+                      drills=drills.active)
+        schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
+        validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,
+                              seq_len=shapes.seq_len, tokens_between_rounds=schedule.tokens_between_rounds)
+        return Run(cfg=cfg, model_cfg=model_cfg, run_dir=run_dir, device=device, shapes=shapes, engine=engine, loader=loader,
+                   validator=validator, schedule=schedule, state=state,
+                   guard=LossGuard(cfg.trainer, state), preemption=Preemption(), drills=drills, metrics=metrics,
+                   timer=StepTimer(info.flops_per_token, peak, dist.get_world_size()),
+                   sample_log=SampleLog(run_dir / "sample_ids.jsonl", state.step) if cfg.data.record_sample_ids else None,
+                   progress=Progress(metrics.console, shapes.total_steps, state.step, enabled=is_main),
+                   watch=DoubleDescentWatch(run_dir / "metrics.jsonl") if is_main and cfg.validation.enabled else None,
+                   config_hash=cfg_hash, lineage=checkpoint.Lineage(resumed_from=_own_tag(start, run_dir)), lock=lock)
 
+    except BaseException:
+        if lock is not None:  # a run that failed to start leaves the directory free
+            lock.release()
+        raise
 
 def take_run_dir(run_dir: Path) -> RunDirLock | None:
     """The main rank takes the run directory's lock (pretrain/trainer/rundir.py); if another trainer

@@ -12,18 +12,18 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from launch.env import detect
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, typed
 from pretrain.trainer import checkpoint, setup
 
 
 def main(run_dir: str, inputs_path: str, result_path: str) -> None:
     run_dir = Path(run_dir)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
-    typed: TrainConfig = OmegaConf.to_object(cfg)
+    train_cfg: TrainConfig = typed(cfg)
     env = detect()
-    _, model_cfg, shapes = setup.check(typed, env)
-    device = setup.init_distributed(typed, env)
-    engine, _ = setup.build_engine(typed, model_cfg, shapes, device)
+    _, model_cfg, shapes = setup.check(train_cfg, env)
+    device = setup.init_distributed(train_cfg, env)
+    engine, _ = setup.build_engine(train_cfg, model_cfg, shapes, device)
     checkpoint.load(engine, run_dir / "checkpoints")
     engine.module.eval()
     with torch.no_grad():

@@ -57,11 +57,9 @@ def _wrap(name: str) -> None:
 
 def main(shards: str, out_dir: str) -> None:
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from launch.env import detect
     from model import parallel
-    from pretrain.config import CONF_DIR, register
+    from pretrain.config import CONF_DIR, register, typed
     from pretrain.data.loader import EpochLoader
     from pretrain.trainer import setup
     from pretrain.trainer.faults import Drills
@@ -70,7 +68,7 @@ def main(shards: str, out_dir: str) -> None:
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=[
+        cfg = typed(compose("config", overrides=[
             f"data.path={shards}", f"run_dir={out_dir}", "model=tiny-2l", "trainer.global_batch_tokens=128",
             "trainer.max_tokens=512", "optim.warmup_tokens=256", "logger.wandb=false", "data.prefetch=0",
             "trainer.inject_nan_at_steps=[4]"]))

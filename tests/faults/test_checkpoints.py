@@ -43,7 +43,7 @@ def test_latest_is_used_when_it_names_a_complete_checkpoint(ckpt):
     (lambda p: p.write_text(""), "is empty or unreadable"),
     (lambda p: p.write_bytes(b"\xff\xfe garbage \x00"), "is empty or unreadable"),
     (lambda p: p.write_text("step00000099"), "names 'step00000099', which is not a checkpoint there"),
-    (lambda p: p.write_text("step00000008"), "names 'step00000008', which is incomplete"),
+    (lambda p: p.write_text("step00000008"), "names 'step00000008', which is incomplete (no gal_complete.json"),
 ])
 def test_a_lost_or_damaged_latest_falls_back_to_the_newest_complete_checkpoint(ckpt, damage, why):
     damage(ckpt / LATEST)
@@ -54,7 +54,11 @@ def test_a_lost_or_damaged_latest_falls_back_to_the_newest_complete_checkpoint(c
 def test_a_truncated_file_makes_its_checkpoint_incomplete(ckpt):
     (ckpt / "step00000006" / "zero" / "optim.pt").write_bytes(b"x" * 40)
     assert not is_complete(ckpt / "step00000006")
-    assert find_latest(ckpt) == ("step00000004", f"{ckpt / LATEST} names 'step00000006', which is incomplete")
+    path = ckpt / "step00000006" / "zero" / "optim.pt"
+    assert find_latest(ckpt) == ("step00000004", f"{ckpt / LATEST} names 'step00000006', which is damaged: "
+                                                 f"{path} is 40 bytes, 100 when written (truncated?)")
+    path.unlink()
+    assert find_latest(ckpt)[1].endswith(f"which is damaged: {path} is missing")
 
 
 def test_a_checkpoint_from_before_markers_counts_when_its_layout_file_is_there(tmp_path):
