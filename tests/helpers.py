@@ -151,6 +151,17 @@ def events(run_dir: Path, name: str) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == name]
 
 
+def cli_error(capsys, main, argv: list[str]) -> str:
+    """Run a gal-* ``main(argv)`` that must fail as a usage error (exit 2); returns what it wrote to stderr."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
 def train_cfg(*overrides: str):
     """conf/config.yaml with the tiny-2l model and command-line style overrides, as gal-train sees it
     (a TrainConfig)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BIN, REPO, synthetic_shards, torchrun, train, train_env
+from helpers import BIN, REPO, cli_error, synthetic_shards, torchrun, train, train_env
 from pretrain import export
 from pretrain.config import ConfigError
 from pretrain.tokenizer import GalacticaTokenizer
@@ -128,17 +129,17 @@ class Payload:
 
 
 def test_errors_name_the_path_and_a_missing_tokenizer_only_warns(zero3_tp2_run, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=f"run directory {tmp_path / 'nope'} does not exist"):
-        export.main([str(tmp_path / "nope"), str(tmp_path / "out")])
+    err = cli_error(capsys, export.main, [str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert re.search(f"run directory {tmp_path / 'nope'} does not exist", err)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no complete checkpoint in .*empty/checkpoints"):
-        export.main([str(tmp_path / "empty"), str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="step00000099 does not exist; found: step00000003"):
-        export.main([str(zero3_tp2_run), str(tmp_path / "out"), "--tag", "step00000099"])
+    err = cli_error(capsys, export.main, [str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert re.search("no complete checkpoint in .*empty/checkpoints", err)
+    err = cli_error(capsys, export.main, [str(zero3_tp2_run), str(tmp_path / "out"), "--tag", "step00000099"])
+    assert re.search("step00000099 does not exist; found: step00000003", err)
 
     out = tmp_path / "model_only"
     export.main([str(zero3_tp2_run), str(out), "--tokenizer", str(tmp_path / "no_tokenizer")])
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
     assert "no tokenizer at" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not empty"):
-        export.main([str(zero3_tp2_run), str(out), "--tag", "step00000003"])
+    err = cli_error(capsys, export.main, [str(zero3_tp2_run), str(out), "--tag", "step00000003"])
+    assert re.search("is not empty", err)
