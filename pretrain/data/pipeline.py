@@ -187,6 +187,17 @@ def _pool(workers: int, initializer, initargs):
     return multiprocessing.get_context("fork").Pool(workers, initializer, initargs)
 
 
+def _offer_to_sample(u: float, offset: int, sample: list[int], smallest: list, tcfg) -> None:
+    """The tokenizer sample: every training document whose hash ``u`` is below sample_fraction, and the
+    min_sample_docs smallest hashes (a max-heap of negated hashes) to fall back on in a small corpus."""
+    if u < tcfg.sample_fraction:
+        sample.append(offset)
+    elif len(smallest) < tcfg.min_sample_docs:
+        heapq.heappush(smallest, (-u, offset))
+    elif -smallest[0][0] > u:
+        heapq.heapreplace(smallest, (-u, offset))
+
+
 def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats: Stats, progress: bool) -> list[int]:
     """Clean, dedup and split into the work file, held-out probe records into work/../probes/;
     return the byte offsets of the tokenizer sample."""
@@ -254,13 +265,8 @@ def _pass1(cfg: PrepareConf, files: list[Path], work: Path, workers: int, stats:
                         probe_files[source].write(json.dumps({"id": doc_id, **probe}, ensure_ascii=False) + "\n")
                         stats.probes[source] += 1
                     if split == "train":
-                        u = unit_hash(f"tokenizer-sample-{tcfg.seed}", doc_id)
-                        if u < tcfg.sample_fraction:
-                            sample.append(offset)
-                        elif len(smallest) < tcfg.min_sample_docs:
-                            heapq.heappush(smallest, (-u, offset))
-                        elif -smallest[0][0] > u:
-                            heapq.heapreplace(smallest, (-u, offset))
+                        _offer_to_sample(unit_hash(f"tokenizer-sample-{tcfg.seed}", doc_id), offset, sample,
+                                         smallest, tcfg)
     finally:
         bar.close()
         for f in probe_files.values():
