@@ -13,6 +13,12 @@ import helpers
 from helpers import SHARED_CORPUS, SLURM_NODES, SLURM_SCRIPTS, SlurmCluster, slurm_cluster_answers, slurm_cluster_env
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kill-drill", type=int, default=0, metavar="N",
+                     help="run the random-kill drill (tests/faults/test_kill_drill.py) with N kills a layout")
+    parser.addoption("--kill-drill-report", default=None, metavar="FILE", help="append the drill's kills to FILE")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     """A test that uses the Slurm cluster is a `slurm` test, however it is marked."""

@@ -196,6 +196,9 @@ def _write_marker(tag_dir: Path) -> None:
     os.replace(tmp, tag_dir / COMPLETE)
 
 
+PRUNING = ".pruning."  # a tag being deleted (Lineage.prune)
+
+
 @dataclass
 class Lineage:
     """The checkpoints a run may prune: those up to the one it resumed from, and those it wrote."""
@@ -205,8 +208,13 @@ class Lineage:
 
     def prune(self, ckpt_dir: Path, keep_last: int) -> list[str]:
         """Keep the newest ``keep_last`` of the run's own complete checkpoints; drop incomplete tags after
-        the resume point (writes killed in an earlier life of this run). Returns what was deleted."""
+        the resume point (writes killed in an earlier life of this run). Returns what was deleted.
+
+        A tag is first renamed out of sight (``.pruning.<tag>``, atomic) and then deleted, so that a kill
+        during the deletion leaves no half-deleted tag; the next prune finishes such leftovers."""
         ckpt_dir = Path(ckpt_dir)
+        for leftover in ckpt_dir.glob(PRUNING + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
         complete = {t: is_complete(ckpt_dir / t) for t in tags}
         mine = [t for t in tags if complete[t]
@@ -214,7 +222,9 @@ class Lineage:
         stale = mine[:-max(keep_last, 1)]
         stale += [t for t in tags if t > (self.resumed_from or "") and not complete[t]]
         for old in stale:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+            gone = ckpt_dir / (PRUNING + old)
+            os.replace(ckpt_dir / old, gone)
+            shutil.rmtree(gone, ignore_errors=True)
         return stale
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.trainer.checkpoint import COMPLETE, LATEST, META, Lineage, complete_tags, find_latest, is_complete
+from pretrain.trainer.checkpoint import (COMPLETE, LATEST, META, PRUNING, Lineage, complete_tags, find_latest,
+                                         is_complete)
 
 
 def tag(ckpt: Path, step: int, complete: bool = True, marker: bool = True) -> str:
@@ -74,6 +75,16 @@ def test_pruning_keeps_the_newest_of_the_runs_own_line_and_drops_killed_writes(c
     lineage.written.append("step00000010")
     assert sorted(lineage.prune(ckpt, keep_last=1)) == ["step00000002", "step00000004", "step00000008"]
     assert complete_tags(ckpt) == ["step00000006", "step00000010"]  # step 6 survives any keep_last
+
+
+def test_a_pruning_cut_short_by_a_kill_leaves_no_half_deleted_tag(ckpt):
+    # the kill drill found one: a tag whose deletion a SIGKILL stopped, its marker gone, under its own name
+    lineage = Lineage(resumed_from="step00000006")
+    tag(ckpt, 10)
+    lineage.written.append("step00000010")
+    (ckpt / (PRUNING + "step00000001") / "zero").mkdir(parents=True)  # what such a kill leaves now
+    assert lineage.prune(ckpt, keep_last=2) == ["step00000002", "step00000004", "step00000008"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000006", "step00000010"]
 
 
 def test_a_fresh_start_never_deletes_the_checkpoints_already_there(ckpt):
