@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # a label the loss skips (padding); torch's cross_entropy default
+ACTIVATIONS = ("gelu", "relu")  # the FFN's; HF OPT's "gelu" is the exact (erf) GELU, as F.gelu's default
 
 
 @dataclass
@@ -17,8 +18,15 @@ class GalacticaConfig:
     init_std / sqrt(2 * n_layers) when `scale_output_init` is on (GPT-2 / OPT "scaled init").
     metaseq's default init_std is 0.02; OPT-175B used 0.006. LayerNorm weights start at 1.
 
-    `bias=False` is the paper's choice and the only one our runs use. `bias=True` exists only to
-    import the released Hugging Face Galactica checkpoints, which carry biases.
+    `bias=False` (no biases in the dense layers or the LayerNorms, §2.1 of the paper) is the paper's
+    choice and our default. The other architecture fields exist to continue from released checkpoints,
+    as Hugging Face's `OPTConfig` describes them (model/hf.py maps one onto the other):
+    - `bias`: biases of the dense layers (`enable_bias`; the released 125M-6.7B have them, 30B not);
+    - `layer_norm_affine`: LayerNorm weights (`layer_norm_elementwise_affine`; the released 30B has
+      none: no LayerNorm parameters at all, galai issue #37);
+    - `layer_norm_bias`: LayerNorm biases; None means `bias and layer_norm_affine`. HF's LayerNorms
+      carry a bias whenever they are affine, so an OPT with `enable_bias=false` has them;
+    - `activation`: "gelu" (Galactica, the exact erf form, as HF's "gelu") or "relu" (OPT).
     Tensor-parallel size is not a model property: it comes from `model.parallel`.
     """
 
@@ -35,11 +43,16 @@ class GalacticaConfig:
     layer_norm_eps: float = 1e-5
     activation_checkpointing: bool = False
     bias: bool = False
+    layer_norm_affine: bool = True
+    layer_norm_bias: bool | None = None
+    activation: str = "gelu"
     pad_token_id: int = 1
     bos_token_id: int = 0
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        if self.layer_norm_bias is None:
+            self.layer_norm_bias = self.bias and self.layer_norm_affine
         self.validate()
 
     @property
@@ -68,6 +81,10 @@ class GalacticaConfig:
                 raise ValueError(f"GalacticaConfig.{name} must be in [0, 1), got {value!r}")
         if not self.init_std > 0:
             raise ValueError(f"GalacticaConfig.init_std must be > 0, got {self.init_std!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GalacticaConfig.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.layer_norm_bias and not self.layer_norm_affine:
+            raise ValueError("GalacticaConfig.layer_norm_bias=True needs layer_norm_affine=True")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GalacticaConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 

@@ -7,8 +7,12 @@ Name map (ours -> HF, prefix `model.decoder.`):
     blocks.i.attn.qkv (rows [q; k; v]) -> layers.i.self_attn.{q,k,v}_proj
     blocks.i.attn.proj -> layers.i.self_attn.out_proj
     blocks.i.mlp.fc_in / fc_out -> layers.i.fc1 / fc2,   ln_f -> final_layer_norm
-HF's LayerNorms always have a bias: a bias-free model exports zeros there, and import accepts a
-folder only if every bias it would drop is exactly zero (else it asks for `bias=True`).
+The architecture follows config.json (HF `OPTConfig`): `enable_bias` (dense-layer biases),
+`layer_norm_elementwise_affine` (LayerNorm parameters; the released Galactica 30B has none),
+`activation_function` (gelu or relu). An affine HF LayerNorm always has a bias: our bias-free model
+(the paper's) exports zeros there, and import keeps LayerNorm biases unless they are all zero in a
+checkpoint without dense biases (our own exports). What GalacticaLM cannot represent (post-LayerNorm
+OPT-350m, projections, untied heads) is refused, naming the config.json field.
 
 Pure functions (`merge_tp_state_dicts`, `shard_state_dict`, `to_hf_state_dict`, `write_hf`) work on
 full (TP-merged) state dicts, e.g. after DeepSpeed's zero_to_fp32 consolidation.
@@ -21,10 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import parallel
-from model.config import GalacticaConfig
+from model.config import ACTIVATIONS, GalacticaConfig
 from model.transformer import GalacticaLM, tp_partition
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
@@ -120,9 +125,9 @@ def hf_config_dict(config: GalacticaConfig) -> dict:
         "num_attention_heads": config.n_heads,
         "ffn_dim": config.d_ffn,
         "max_position_embeddings": config.max_positions,
-        "activation_function": "gelu",
+        "activation_function": config.activation,
         "do_layer_norm_before": True,
-        "layer_norm_elementwise_affine": True,
+        "layer_norm_elementwise_affine": config.layer_norm_affine,
         "enable_bias": config.bias,
         "dropout": config.dropout,
         "attention_dropout": config.attention_dropout,
@@ -138,49 +143,46 @@ def hf_config_dict(config: GalacticaConfig) -> dict:
     }
 
 
-def _layer_map(i: int) -> dict[str, str]:
-    """Our name -> HF name for block i, except the fused QKV (handled apart)."""
+def _layer_norms(i: int | None) -> dict[str, str]:
+    """Our LayerNorm names -> HF's, for block i (None: the final one); weights and biases."""
+    if i is None:
+        pairs = {"ln_f": "model.decoder.final_layer_norm"}
+    else:
+        hf = f"model.decoder.layers.{i}."
+        pairs = {f"blocks.{i}.ln_1": hf + "self_attn_layer_norm", f"blocks.{i}.ln_2": hf + "final_layer_norm"}
+    return {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in pairs.items() for p in ("weight", "bias")}
+
+
+def _dense(i: int) -> dict[str, str]:
+    """Our dense-layer names -> HF's for block i, except the fused QKV (handled apart)."""
     hf = f"model.decoder.layers.{i}."
-    ours = f"blocks.{i}."
-    return {
-        ours + "ln_1.weight": hf + "self_attn_layer_norm.weight",
-        ours + "ln_1.bias": hf + "self_attn_layer_norm.bias",
-        ours + "ln_2.weight": hf + "final_layer_norm.weight",
-        ours + "ln_2.bias": hf + "final_layer_norm.bias",
-        ours + "attn.proj.weight": hf + "self_attn.out_proj.weight",
-        ours + "attn.proj.bias": hf + "self_attn.out_proj.bias",
-        ours + "mlp.fc_in.weight": hf + "fc1.weight",
-        ours + "mlp.fc_in.bias": hf + "fc1.bias",
-        ours + "mlp.fc_out.weight": hf + "fc2.weight",
-        ours + "mlp.fc_out.bias": hf + "fc2.bias",
-    }
+    pairs = {"attn.proj": "self_attn.out_proj", "mlp.fc_in": "fc1", "mlp.fc_out": "fc2"}
+    return {f"blocks.{i}.{ours}.{p}": f"{hf}{theirs}.{p}" for ours, theirs in pairs.items() for p in ("weight", "bias")}
 
 
 def to_hf_state_dict(full: dict[str, torch.Tensor], config: GalacticaConfig) -> dict[str, torch.Tensor]:
-    """Full state dict (ours) -> `OPTForCausalLM` state dict. Biases the model lacks are written as zeros."""
+    """Full state dict (ours) -> `OPTForCausalLM` state dict. An affine LayerNorm without a bias gets a zero
+    one (HF's always have it); dense biases are written only with ``config.bias``."""
     d = config.d_model
-    zeros = lambda n: torch.zeros(n, dtype=full["wte.weight"].dtype)  # noqa: E731
     wpe = full["wpe.weight"]
     out = {
         "model.decoder.embed_tokens.weight": full["wte.weight"],
         "model.decoder.embed_positions.weight": torch.cat([wpe.new_zeros(POSITION_OFFSET, d), wpe]),
-        "model.decoder.final_layer_norm.weight": full["ln_f.weight"],
-        "model.decoder.final_layer_norm.bias": full.get("ln_f.bias", zeros(d)),
     }
-    for i in range(config.n_layers):
-        for ours, hf in _layer_map(i).items():
-            if ours.endswith(".weight"):
+    for i in [None, *range(config.n_layers)]:
+        if config.layer_norm_affine:
+            for ours, hf in _layer_norms(i).items():
+                out[hf] = full[ours] if ours in full else wpe.new_zeros(d)
+        if i is None:
+            continue
+        for ours, hf in _dense(i).items():
+            if ours in full:
                 out[hf] = full[ours]
-            elif ours in full:
-                out[hf] = full[ours]
-            elif "layer_norm" in hf:
-                out[hf] = zeros(d)  # HF LayerNorms always carry a bias
         attn = f"model.decoder.layers.{i}.self_attn."
-        for name, part in zip("qkv", full[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0)):
-            out[attn + f"{name}_proj.weight"] = part
-        if f"blocks.{i}.attn.qkv.bias" in full:
-            for name, part in zip("qkv", full[f"blocks.{i}.attn.qkv.bias"].chunk(3, dim=0)):
-                out[attn + f"{name}_proj.bias"] = part
+        for kind in ("weight", "bias"):
+            if f"blocks.{i}.attn.qkv.{kind}" in full:
+                for name, part in zip("qkv", full[f"blocks.{i}.attn.qkv.{kind}"].chunk(3, dim=0)):
+                    out[attn + f"{name}_proj.{kind}"] = part
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -228,46 +230,58 @@ def export_hf(model: GalacticaLM, out_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------ import
-def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of an HF folder: model.safetensors, sharded safetensors, or pytorch_model*.bin."""
+def read_hf_state_dict(path: str | Path, containing: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of an HF folder whose names contain ``containing`` (all by default): model.safetensors,
+    sharded safetensors (only those tensors are read), or pytorch_model*.bin (weights-only unpickling)."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if files:
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
+        out = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                out.update({k: st.get_tensor(k) for k in st.keys() if containing in k})
+        return out
     files = sorted(path.glob("pytorch_model*.bin"))
     if files:
-        return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+        return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()
+                if containing in k}
     raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
 
 
-def config_from_hf(hf: dict, bias: bool, source: str = "config.json") -> GalacticaConfig:
-    """GalacticaConfig for an HF OPT config, refusing what the model cannot represent."""
-    required = {"activation_function": "gelu", "do_layer_norm_before": True,
-                "layer_norm_elementwise_affine": True, "_remove_final_layer_norm": False}
+def config_from_hf(hf: dict, tensors: dict[str, torch.Tensor] | None = None,
+                   source: str = "config.json") -> GalacticaConfig:
+    """The GalacticaConfig of an HF OPT config.json (and its tensors, to tell whether an affine
+    LayerNorm's biases are all zero), refusing what the model cannot represent by the field."""
+    required = {"do_layer_norm_before": True, "_remove_final_layer_norm": False, "tie_word_embeddings": True}
     for key, want in required.items():
         if hf.get(key, want) != want:
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (GalacticaLM needs {want!r})")
+    activation = hf.get("activation_function", "relu")  # OPTConfig's default
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{source}: activation_function={activation!r} is not supported (one of {list(ACTIVATIONS)})")
     d = hf["hidden_size"]
     if hf.get("word_embed_proj_dim", d) != d:
         raise ValueError(f"{source}: word_embed_proj_dim={hf['word_embed_proj_dim']} != hidden_size={d} "
                          "(project_in/project_out layers are not supported)")
     if hf["ffn_dim"] % d:
         raise ValueError(f"{source}: ffn_dim={hf['ffn_dim']} is not a multiple of hidden_size={d}")
-    if hf.get("tie_word_embeddings", True) is False:
-        raise ValueError(f"{source}: tie_word_embeddings=false is not supported (GalacticaLM ties them)")
+    bias = hf.get("enable_bias", True)  # OPTConfig's defaults: configs older than the field have both
+    affine = hf.get("layer_norm_elementwise_affine", True)
+    ln_biases = [v for k, v in (tensors or {}).items() if "layer_norm.bias" in k]
     return GalacticaConfig(
         n_layers=hf["num_hidden_layers"], d_model=d, n_heads=hf["num_attention_heads"],
         vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"],
         ffn_mult=hf["ffn_dim"] // d, dropout=hf.get("dropout", 0.1),
         attention_dropout=hf.get("attention_dropout", 0.0), init_std=hf.get("init_std", 0.02),
-        bias=bias, bos_token_id=hf.get("bos_token_id", 0), pad_token_id=hf.get("pad_token_id", 1),
+        bias=bias, layer_norm_affine=affine,
+        layer_norm_bias=affine and (bias or any(bool(torch.count_nonzero(b)) for b in ln_biases)),
+        activation=activation, bos_token_id=hf.get("bos_token_id", 0), pad_token_id=hf.get("pad_token_id", 1),
         eos_token_id=hf.get("eos_token_id", 2))
 
 
 def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) -> dict[str, torch.Tensor]:
     """`OPTForCausalLM` state dict -> our full state dict. Raises if a non-zero tensor would be lost."""
-    # OPTModel checkpoints (facebook/opt-*) say "decoder.…"; OPTForCausalLM ones "model.decoder.…".
-    hf_sd = {(k if k.startswith(("model.", "lm_head.")) else "model." + k): v for k, v in hf_sd.items()}
+    hf_sd = _causal_lm_names(hf_sd)
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
@@ -280,8 +294,7 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) 
         if name in hf_sd:
             used.add(name)
             if torch.count_nonzero(hf_sd[name]):
-                raise ValueError(f"HF checkpoint has a non-zero {name}, which a bias-free GalacticaLM "
-                                 "would drop: import with bias=True")
+                raise ValueError(f"HF checkpoint has a non-zero {name}, which this GalacticaLM ({config}) would drop")
 
     pos = take("model.decoder.embed_positions.weight")
     if pos.shape[0] != config.max_positions + POSITION_OFFSET:
@@ -291,9 +304,16 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) 
         warnings.warn("OPT position rows 0-1 are non-zero and are not imported: HF uses them only for "
                       "padding positions (position -1), never for real tokens", stacklevel=3)
     full = {"wte.weight": take("model.decoder.embed_tokens.weight"), "wpe.weight": pos[POSITION_OFFSET:]}
-    full["ln_f.weight"] = take("model.decoder.final_layer_norm.weight")
-    for i in range(config.n_layers):
-        for ours, hf in _layer_map(i).items():
+    keep = {"weight": config.layer_norm_affine, "bias": config.layer_norm_bias}
+    for i in [None, *range(config.n_layers)]:
+        for ours, hf in _layer_norms(i).items():
+            if keep[ours.rsplit(".", 1)[1]]:
+                full[ours] = take(hf)
+            else:
+                drop_zero(hf)
+        if i is None:
+            continue
+        for ours, hf in _dense(i).items():
             if ours.endswith(".weight") or config.bias:
                 full[ours] = take(hf)
             else:
@@ -305,10 +325,6 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) 
         else:
             for n in "qkv":
                 drop_zero(attn + f"{n}_proj.bias")
-    if config.bias:
-        full["ln_f.bias"] = take("model.decoder.final_layer_norm.bias")
-    else:
-        drop_zero("model.decoder.final_layer_norm.bias")
     if "lm_head.weight" in hf_sd:
         used.add("lm_head.weight")
         if not torch.equal(hf_sd["lm_head.weight"], full["wte.weight"]):
@@ -320,22 +336,42 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) 
     return {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
 
 
-def import_hf(path: str | Path, bias: bool = False, **config_overrides) -> GalacticaLM:
+def _causal_lm_names(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OPTModel checkpoints (facebook/opt-*) say "decoder.…"; OPTForCausalLM ones "model.decoder.…"."""
+    return {(k if k.startswith(("model.", "lm_head.")) else "model." + k): v for k, v in hf_sd.items()}
+
+
+def read_hf_config(path: str | Path) -> GalacticaConfig:
+    """The GalacticaConfig of an HF folder from its config.json; the LayerNorm biases are read (only them,
+    from safetensors) when they decide it: affine LayerNorms in a checkpoint without dense biases."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (an OPTForCausalLM folder has config.json and weights)")
+    hf = json.loads((path / "config.json").read_text())
+    tensors = {}
+    if hf.get("layer_norm_elementwise_affine", True) and not hf.get("enable_bias", True):
+        tensors = _causal_lm_names(read_hf_state_dict(path, "layer_norm.bias"))
+    return config_from_hf(hf, tensors, source=str(path / "config.json"))
+
+
+def read_hf(path: str | Path) -> tuple[GalacticaConfig, dict[str, torch.Tensor]]:
+    """An OPT / Galactica HF folder as (its GalacticaConfig, our full state dict in fp32)."""
+    config = read_hf_config(path)
+    return config, from_hf_state_dict(read_hf_state_dict(path), config)
+
+
+def import_hf(path: str | Path, **config_overrides) -> GalacticaLM:
     """Load an OPT / Galactica HF folder into a GalacticaLM (on this process's TP group).
 
-    `bias=True` keeps the biases of the released Galactica checkpoints; with the default
-    `bias=False` a folder whose biases are not all zero is refused. `config_overrides` set training
-    fields (dropout, activation_checkpointing, ...); shape fields come from config.json.
+    The architecture comes from config.json; `config_overrides` set training fields (dropout,
+    activation_checkpointing, ...). The trainer's `model.init_from` does the same inside the engine.
     """
-    path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    config = config_from_hf(hf, bias=bias, source=str(path / "config.json"))
+    config, full = read_hf(path)
     for key, value in config_overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"GalacticaConfig has no field {key!r}")
         setattr(config, key, value)
     config.validate()
-    full = from_hf_state_dict(read_hf_state_dict(path), config)
     parallel.ensure_initialized()
     model = GalacticaLM(config)
     load_full_state_dict(model, full)

@@ -1,4 +1,5 @@
 """GalacticaLM: a decoder-only transformer (OPT architecture, no biases) on megatron-core TP layers.
+(Biases, LayerNorms without parameters and ReLU exist for released OPT/Galactica checkpoints: model/config.py.)
 
     x = wte(ids) + wpe[:seq]                                    (no dropout on embeddings)
     for each block:  x = x + drop(attn(ln_1(x)));  x = x + drop(mlp(ln_2(x)))
@@ -89,18 +90,25 @@ class MLP(nn.Module):
             cfg.d_ffn, cfg.d_model, config=mp, init_method=_normal_init(cfg.output_init_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
 
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc_in(x)
-        y, _ = self.fc_out(F.gelu(h))
+        y, _ = self.fc_out(self.act(h))
         return y
+
+
+def layer_norm(cfg: GalacticaConfig, device) -> nn.LayerNorm:
+    return nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, elementwise_affine=cfg.layer_norm_affine,
+                        bias=bool(cfg.layer_norm_bias), device=device)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GalacticaConfig, mp: ModelParallelConfig, device):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
+        self.ln_1 = layer_norm(cfg, device)
         self.attn = Attention(cfg, mp)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
+        self.ln_2 = layer_norm(cfg, device)
         self.mlp = MLP(cfg, mp)
         self.dropout = cfg.dropout
 
@@ -172,7 +180,7 @@ class GalacticaLM(nn.Module):
             cfg.vocab_size, cfg.d_model, init_method=_normal_init(cfg.init_std), config=mp)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model, device=device)
         self.blocks = nn.ModuleList(Block(cfg, mp, device) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias, device=device)
+        self.ln_f = layer_norm(cfg, device)
         if not on_meta:
             nn.init.normal_(self.wpe.weight, mean=0.0, std=cfg.init_std)
         # megatron's linear layers add an always-None `_extra_state` entry (for Transformer Engine)

@@ -44,6 +44,15 @@ class ModelConf:
     attention_dropout: float = 0.1
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary, read from the shards' manifest
     activation_checkpointing: bool = False
+    # The architecture (model/config.py): the paper's by default; other values for released OPT checkpoints.
+    bias: bool = False  # dense-layer biases
+    layer_norm_affine: bool = True  # LayerNorm weights
+    layer_norm_bias: Optional[bool] = None  # None: bias and layer_norm_affine
+    activation: str = "gelu"  # gelu | relu
+    # A Hugging Face OPTForCausalLM folder (a released Galactica or OPT, or a gal-export): the first step
+    # trains from its weights with a fresh optimizer. Its config.json sets the shape and architecture
+    # above (the preset still sets batch, LR and dropout); a resume loads the run's checkpoint instead.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -231,6 +240,27 @@ def typed(cfg: DictConfig) -> TrainConfig:
     return out
 
 
+def adopt_init_from(model: ModelConf) -> None:
+    """``model.init_from``: the model section takes the checkpoint's shape and architecture (its
+    config.json), so that the run's config.yaml, its checkpoints' shape check and gal-export all see
+    the model that trains. gal-train does this first (the folder must be there, resume included)."""
+    from model.hf import read_hf_config  # torch and megatron: only when asked for
+
+    folder = model.init_from
+    if not folder:
+        return
+    try:
+        arch = read_hf_config(folder)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from={folder}: {e}") from None
+    if model.vocab_size is not None and model.vocab_size != arch.vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size}, but model.init_from={folder} has a vocabulary of "
+                          f"{arch.vocab_size}: leave model.vocab_size unset")
+    for key in (*SHAPE_KEYS, *ARCHITECTURE_KEYS):
+        setattr(model, key, getattr(arch, key))
+    model.size = f"hf:{Path(folder).name}"
+
+
 def _whole_token_counts(cfg: TrainConfig) -> None:
     for key in TOKEN_KEYS:
         *path, last = key.split(".")
@@ -268,8 +298,12 @@ def divisible_global_batch_samples(samples: int, per_step: int) -> int:
 def model_config(cfg: TrainConfig, manifest: dict) -> GalacticaConfig:
     """The model section as a GalacticaConfig; the vocabulary from the shards' manifest unless model.vocab_size."""
     m = asdict(cfg.model)
-    del m["size"]
+    del m["size"], m["init_from"]
     m["vocab_size"] = m["vocab_size"] or manifest["vocab_size"]
+    if m["vocab_size"] < manifest["vocab_size"] and cfg.model.init_from:
+        raise ConfigError(f"model.init_from={cfg.model.init_from} has a vocabulary of {m['vocab_size']}, below the "
+                          f"shards' {manifest['vocab_size']} (manifest.json): prepare the shards with its tokenizer "
+                          f"(gal-prepare tokenizer.from_hf={cfg.model.init_from})")
     if m["vocab_size"] < manifest["vocab_size"]:
         raise ConfigError(f"model.vocab_size={m['vocab_size']} is below the shards' vocabulary of "
                           f"{manifest['vocab_size']} (manifest.json): leave it unset, or set it at least that large")
@@ -290,7 +324,7 @@ def model_preset(size: str, **overrides) -> GalacticaConfig:
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConf), OmegaConf.load(path).model))
     model.vocab_size = model.vocab_size or PAPER_VOCAB_SIZE
     fields = {**asdict(model), **overrides}
-    del fields["size"]
+    del fields["size"], fields["init_from"]
     return GalacticaConfig(**fields)
 
 
@@ -303,11 +337,12 @@ def model_sizes() -> list[str]:
 # anything loads (a different shape cannot load: an error); a change in the keys below only warns.
 # Runtime knobs (paths, prefetch, logging, validation, checkpoint interval) are free to change.
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "ffn_mult", "max_positions", "vocab_size")
+ARCHITECTURE_KEYS = ("bias", "layer_norm_affine", "layer_norm_bias", "activation")
 HASHED_KEYS = ("model.dropout", "model.attention_dropout", "optim", "data.seed", "data.mixture", "data.repeat", "seed")
 
 
-def model_shape(model_cfg: GalacticaConfig) -> dict[str, int]:
-    return {k: getattr(model_cfg, k) for k in SHAPE_KEYS}
+def model_shape(model_cfg: GalacticaConfig) -> dict[str, int | bool | str]:
+    return {k: getattr(model_cfg, k) for k in (*SHAPE_KEYS, *ARCHITECTURE_KEYS)}
 
 
 def config_hash(cfg: TrainConfig, data_identity: str) -> str:

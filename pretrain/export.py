@@ -11,8 +11,9 @@ Any ZeRO stage and TP size, in one plain process (no torchrun, no GPU):
    its model file already holds the full weights;
 2. the TP ranks are merged with ``model.hf.merge_tp_state_dicts``;
 3. the model config is rebuilt from ``RUN_DIR/config.yaml`` as gal-train built it
-   (``pretrain.config.model_config``), written with ``model.hf.write_hf``, and the run's tokenizer
-   (``<data.path>/tokenizer/tokenizer.model``) is exported next to it, so that
+   (``pretrain.config.model_config``; the architecture variant of a ``model.init_from`` run included),
+   written with ``model.hf.write_hf``, and the run's tokenizer (the file ``<data.path>/manifest.json``
+   names: our tokenizer.model, or a released tokenizer.json as it is) is exported next to it, so that
    ``AutoTokenizer.from_pretrained(OUT_DIR)`` and ``OPTForCausalLM.from_pretrained(OUT_DIR)`` (or
    lm-eval-harness ``--model hf --model_args pretrained=OUT_DIR``) work.
 """
@@ -131,19 +132,19 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
     console.print(f"model: {sum(t.numel() for t in full.values()):,} parameters, {model_cfg.n_layers} layers, "
                   f"d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size:,} → {out_dir}")
 
-    tok_model = Path(tokenizer) if tokenizer else data_path / (manifest or {}).get("tokenizer", {}).get(
+    tok_file = Path(tokenizer) if tokenizer else data_path / (manifest or {}).get("tokenizer", {}).get(
         "model", "tokenizer/tokenizer.model")
-    if tok_model.exists():
-        from pretrain.tokenizer import GalacticaTokenizer
+    if tok_file.exists():
+        from pretrain.tokenizer import load_tokenizer
 
-        tok = GalacticaTokenizer.load(tok_model)
+        tok = load_tokenizer(tok_file)  # ours (tokenizer.model) or a released one (tokenizer.json)
         if tok.vocab_size > model_cfg.vocab_size:
-            raise ConfigError(f"tokenizer {tok_model} has {tok.vocab_size} tokens, more than the model's "
+            raise ConfigError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, more than the model's "
                               f"{model_cfg.vocab_size}")
         tok.export_hf(out_dir)
-        console.print(f"tokenizer: {tok_model} ({tok.vocab_size:,} tokens) → {out_dir}")
+        console.print(f"tokenizer: {tok_file} ({tok.vocab_size:,} tokens) → {out_dir}")
     else:
-        console.print(f"[yellow]warning:[/] no tokenizer at {tok_model}: {out_dir} has the model only "
+        console.print(f"[yellow]warning:[/] no tokenizer at {tok_file}: {out_dir} has the model only "
                       "(pass --tokenizer PATH to add one)")
     return out_dir
 
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="the gal-train run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000042 (default: the latest complete one)")
-    parser.add_argument("--tokenizer", help="tokenizer.model or its directory (default: the run's "
-                        "<data.path>/tokenizer/tokenizer.model)")
+    parser.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or their directory (default: the one "
+                        "the run's shards name in <data.path>/manifest.json)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     try:

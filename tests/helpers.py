@@ -2,7 +2,7 @@
 
 Test modules import from here (``from helpers import ...``; pyproject's ``pythonpath = ["tests"]``), never
 from one another or from a conftest. Sections: paths and processes; synthetic shards; the trainer in a
-subprocess; gal-prepare; a synthetic gal-report run; the local Slurm cluster.
+subprocess; gal-prepare; released-checkpoint stand-ins; a synthetic gal-report run; the local Slurm cluster.
 
 Heavy or moving project modules (Hydra, pretrain.prepare, pretrain.trainer) are imported inside the
 functions that need them, so that importing this module (every conftest load) stays cheap.
@@ -211,6 +211,38 @@ def write_jsonl(path: Path, records: list) -> Path:
         for r in records:
             f.write(r if isinstance(r, bytes) else json.dumps(r).encode() + b"\n")
     return path
+
+
+# ----------------------------------------------------------------------------- released-checkpoint stand-ins
+# The architecture variants of released OPT / Galactica checkpoints (HF OPTConfig fields), as tiny random models.
+OPT_VARIANTS = {
+    "bias_affine": dict(enable_bias=True, layer_norm_elementwise_affine=True, activation_function="gelu"),  # 125M-6.7B
+    "bias_no_affine": dict(enable_bias=True, layer_norm_elementwise_affine=False, activation_function="gelu"),
+    "no_bias_affine": dict(enable_bias=False, layer_norm_elementwise_affine=True, activation_function="gelu"),
+    "no_bias_no_affine": dict(enable_bias=False, layer_norm_elementwise_affine=False,
+                              activation_function="gelu"),  # Galactica 30B: no biases, no LayerNorm parameters
+    "opt_relu": dict(enable_bias=True, layer_norm_elementwise_affine=True, activation_function="relu"),  # OPT
+}
+
+
+def tiny_opt(path: Path, variant: str, vocab_size: int = 96, max_positions: int = 64, seed: int = 0):
+    """A tiny ``OPTForCausalLM`` of ``variant`` saved with transformers at ``path``; every parameter drawn at
+    random (LayerNorm weights around 1), so that a lost or misplaced bias or scale shows in the logits.
+    Returns the model (eval mode, dropout 0)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                       max_position_embeddings=max_positions, word_embed_proj_dim=32, do_layer_norm_before=True,
+                       dropout=0.0, attention_dropout=0.0, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                       **OPT_VARIANTS[variant])
+    model = OPTForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "layer_norm.weight" in name else 0.0))
+    model.save_pretrained(path)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- a synthetic gal-report run

@@ -232,11 +232,12 @@ def test_model_config_takes_the_vocabulary_from_the_manifest_unless_set():
 
 
 def test_model_preset_and_shape():
+    paper = {"bias": False, "layer_norm_affine": True, "layer_norm_bias": False, "activation": "gelu"}  # §2.1
     assert model_shape(tiny()) == {"n_layers": 2, "d_model": 64, "n_heads": 4, "ffn_mult": 4, "max_positions": 2048,
-                                   "vocab_size": 256}
+                                   "vocab_size": 256, **paper}
     assert model_preset("tiny-2l").vocab_size == 50000
     assert model_shape(model_preset("125m")) == {"n_layers": 12, "d_model": 768, "n_heads": 12, "ffn_mult": 4,
-                                                 "max_positions": 2048, "vocab_size": 50000}
+                                                 "max_positions": 2048, "vocab_size": 50000, **paper}
     assert model_preset("tiny-2l", dropout=0.0).dropout == 0.0
     assert {"tiny-2l", "125m", "120b"} <= set(model_sizes())
     with pytest.raises(ConfigError, match=r"^model size 'nope' is unknown; choose one of \["):

@@ -1,4 +1,5 @@
-"""Export to / import from Hugging Face OPTForCausalLM."""
+"""Export to / import from Hugging Face OPTForCausalLM: our own exports, and every architecture variant
+of the released OPT / Galactica checkpoints (helpers.OPT_VARIANTS), at TP=1 and TP=2."""
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from transformers import OPTForCausalLM
 
 from model import GalacticaConfig, GalacticaLM
 from model.hf import POSITION_OFFSET, export_hf, import_hf, merge_tp_state_dicts, shard_state_dict
+from helpers import OPT_VARIANTS, REPO, tiny_opt, torchrun
 
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=500, max_positions=64)
 
@@ -60,56 +62,73 @@ def test_import_round_trips_exactly(exported):
         assert torch.equal(a[key], b[key]), key
 
 
-def _with_biases(src, dst):
-    """A copy of an exported folder with non-zero biases, like the released Galactica checkpoints."""
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict:
+    """Each variant as a transformers-made folder, with transformers' logits on the same ids."""
+    root = tmp_path_factory.mktemp("variants")
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    out = {"ids": ids}
+    for name in OPT_VARIANTS:
+        with torch.no_grad():
+            out[name] = (root / name, tiny_opt(root / name, name)(ids).logits)
+    return out
+
+
+@pytest.mark.parametrize("variant", list(OPT_VARIANTS))
+def test_every_released_variant_imports_with_transformers_logits_and_exports_back(variant, variants, tmp_path):
+    folder, want = variants[variant]
+    model = import_hf(folder, dropout=0.0, attention_dropout=0.0).eval()
+    with torch.no_grad():
+        assert (model(variants["ids"]) - want).abs().max() < 1e-5
+    hf_config = json.loads((folder / "config.json").read_text())
+    c = model.config
+    assert (c.bias, c.layer_norm_affine, c.activation) == tuple(OPT_VARIANTS[variant].values())
+    assert c.layer_norm_bias == hf_config["layer_norm_elementwise_affine"]  # HF's affine LayerNorms have biases
+    # and back: the same config variant, the same tensors
+    export_hf(model, tmp_path / "again")
+    again = json.loads((tmp_path / "again/config.json").read_text())
+    assert {k: again[k] for k in OPT_VARIANTS[variant]} == OPT_VARIANTS[variant]
+    ours, orig = load_file(str(tmp_path / "again/model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert ours.keys() == orig.keys() - {"lm_head.weight"}
+    assert all(torch.equal(ours[k][2:], orig[k][2:]) if "embed_positions" in k else torch.equal(ours[k], orig[k])
+               for k in ours)
+
+
+@pytest.mark.multirank
+def test_every_released_variant_imports_at_tp2_with_transformers_logits(variants, tmp_path):
+    torch.save(variants["ids"], tmp_path / "ids.pt")
+    folders = [str(variants[name][0]) for name in OPT_VARIANTS]
+    torchrun(2, REPO / "tests/dist/hf_import_logits.py", str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), *folders)
+    result = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert result["tp_size"] == 2
+    for name in OPT_VARIANTS:
+        folder, want = variants[name]
+        assert (result["logits"][str(folder)] - want).abs().max() < 1e-5, name
+
+
+def _edited(src, dst, config_edits: dict, weight_edits=None):
+    """A copy of an HF folder with config.json keys changed and (optionally) tensors changed."""
     dst.mkdir()
     config = json.loads((src / "config.json").read_text())
-    config["enable_bias"] = True
-    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "config.json").write_text(json.dumps({**config, **config_edits}))
     weights = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(3)
-    for i in range(SMALL["n_layers"]):
-        prefix = f"model.decoder.layers.{i}."
-        for name, size in (("self_attn.q_proj", 64), ("self_attn.k_proj", 64), ("self_attn.v_proj", 64),
-                           ("self_attn.out_proj", 64), ("fc1", 256), ("fc2", 64),
-                           ("self_attn_layer_norm", 64), ("final_layer_norm", 64)):
-            weights[prefix + name + ".bias"] = 0.1 * torch.randn(size, generator=gen)
-    weights["model.decoder.final_layer_norm.bias"] = 0.1 * torch.randn(64, generator=gen)
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**weights, **(weight_edits or {})}, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
 
 
-def test_biased_checkpoint_imports_with_bias_switch_only(exported, tmp_path):
+def test_a_non_zero_tensor_the_config_says_is_absent_is_refused(exported, tmp_path):
     _, out = exported
-    folder = _with_biases(out, tmp_path / "biased")
-    with pytest.raises(ValueError, match="non-zero .*bias.*bias=True"):
-        import_hf(folder)
-    model = import_hf(folder, bias=True).eval()
-    assert model.blocks[0].mlp.fc_in.bias is not None
-    hf = OPTForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    ids = torch.randint(0, SMALL["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
-    # and the biased model exports back to an identical folder
-    export_hf(model, tmp_path / "again")
-    again, orig = load_file(str(tmp_path / "again/model.safetensors")), load_file(str(folder / "model.safetensors"))
-    assert again.keys() == orig.keys()
-    assert all(torch.equal(again[k][2:] if "embed_positions" in k else again[k],
-                           orig[k][2:] if "embed_positions" in k else orig[k]) for k in orig)
+    fc1_bias = {"model.decoder.layers.0.fc1.bias": torch.ones(256)}  # enable_bias=false says there is none
+    with pytest.raises(ValueError, match="non-zero model.decoder.layers.0.fc1.bias"):
+        import_hf(_edited(out, tmp_path / "stray_bias", {}, fc1_bias))
 
 
-def test_unsupported_configs_are_refused(exported, tmp_path):
+def test_unsupported_configs_are_refused_by_the_field(exported, tmp_path):
     _, out = exported
-    for key, value in (("activation_function", "relu"), ("word_embed_proj_dim", 32),
-                       ("do_layer_norm_before", False)):
-        folder = tmp_path / key
-        folder.mkdir()
-        config = json.loads((out / "config.json").read_text())
-        config[key] = value
-        (folder / "config.json").write_text(json.dumps(config))
-        (folder / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    for key, value in (("activation_function", "silu"), ("word_embed_proj_dim", 32),
+                       ("do_layer_norm_before", False), ("tie_word_embeddings", False)):
         with pytest.raises(ValueError, match=key):
-            import_hf(folder)
+            import_hf(_edited(out, tmp_path / key, {key: value}))
 
 
 def test_tp_shards_merge_back():

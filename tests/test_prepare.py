@@ -68,6 +68,39 @@ def test_markup_templates():
         Renderer({"x": type(r.formats["arxiv"])(template=["{a|nope}"])})
 
 
+# Real abstracts of ../shared/corpus/arxiv.jsonl: id → (what the text holds, what the document holds)
+PAPER_CITATIONS = {
+    "arxiv:2604.17637": ("the study of Shafter et al. (2015) who", "the study of [START_REF]Shafter et al. (2015)[END_REF] who"),
+    "arxiv:2606.30504": ("GW170817 (Abbott et al. 2017) assumes", "GW170817 ([START_REF]Abbott et al. 2017[END_REF]) assumes"),
+    "arxiv:2506.09962": ("(D'Agostino et al. 2019; Johnston et al. 2023).",
+                         "([START_REF]D'Agostino et al. 2019[END_REF]; [START_REF]Johnston et al. 2023[END_REF])."),
+    "arxiv:2606.25163": ("Universe \\citep{vanDokkum2015}.", "Universe \\citep{[START_REF]vanDokkum2015[END_REF]}."),
+    "arxiv:2502.06936": ("work [arXiv:1701.07596], where", "work [[START_REF]arXiv:1701.07596[END_REF]], where"),
+    # left alone: a numeric citation, crystal directions, "et al" without a year
+    "arxiv:2511.08196": ("simplex [32]. The", "simplex [32]. The"),
+    "arxiv:2603.18885": ("along [001] and [110]. At", "along [001] and [110]. At"),
+    "arxiv:2505.22676": ("arXiv:2403.01974, Altshuler et al suggested",
+                         "[START_REF]arXiv:2403.01974[END_REF], Altshuler et al suggested"),
+}
+
+
+def test_paper_citations_are_wrapped_on_real_abstracts(shared_corpus):
+    records = {}
+    with open(shared_corpus / "arxiv.jsonl") as f:
+        for line in f:
+            if (record := json.loads(line))["id"] in PAPER_CITATIONS:
+                records[record["id"]] = record
+    assert set(records) == set(PAPER_CITATIONS)
+    r = Renderer(make_cfg().corpus)
+    for doc_id, (before, after) in PAPER_CITATIONS.items():
+        assert before in records[doc_id]["text"], doc_id
+        for source in ("arxiv", "arxiv_math", "papers"):  # the same template for every paper source
+            assert after in r.render(source, records[doc_id]), (doc_id, source)
+    # markup already in the input is kept, not wrapped twice
+    assert r.render("arxiv", {"text": "[START_REF]Smith et al. 2019[END_REF] and Jones et al. 2020"}) == \
+        "[START_REF]Smith et al. 2019[END_REF] and [START_REF]Jones et al. 2020[END_REF]"
+
+
 def test_clean_keeps_superscripts_and_subscripts_distinct():
     assert clean_text("E = mc² and H₂O, x⁻¹") == \
         "E = mc[START_SUP]2[END_SUP] and H[START_SUB]2[END_SUB]O, x[START_SUP]-1[END_SUP]"
@@ -199,6 +232,9 @@ def test_no_arguments_prepares_the_builtin_sample(tmp_path):
     assert set(m["sources"]) == {"docstrings", "molecules"}
     assert m["vocab_size"] == 8000 and m["seq_len"] == 2048 and m["dtype"] == "uint16"
     assert m["config"]["input"] is None and m["errors"] == {}
+    assert (m["tokenizer"]["kind"], m["tokenizer"]["model"], m["tokenizer"]["hf"]) == \
+        ("sentencepiece", "tokenizer/tokenizer.model", "tokenizer/hf")
+    assert m["tokenizer"]["special_ids"]["[END_I_SMILES]"] == 22 and m["tokenizer"]["from"] == "trained"
     assert m["splits"]["train/docstrings"]["samples"] > 300 and m["splits"]["valid/docstrings"]["samples"] > 10
     tok = GalacticaTokenizer.load(out / "tokenizer")
     reader = TrainSplit(out)

@@ -1,5 +1,5 @@
-"""Galactica tokenizer (issue 3): fixed special ids, digits, per-character spans, byte fallback,
-exact round trips, deterministic training and the Hugging Face export."""
+"""Galactica tokenizer (issues 3 and 13): the released special ids, digits, the math rule, per-character
+spans, byte fallback, exact round trips, deterministic training and the Hugging Face export."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,15 +7,18 @@ import inspect
 import json
 import pickle
 import random
+import re
 import unicodedata
 
 import numpy
 import pytest
 import sentencepiece as spm
 
-from pretrain.tokenizer import GALACTICA_TOKENS, SPECIAL_TOKENS, GalacticaTokenizer, escape_spans
+from pretrain.tokenizer import (GALACTICA_TOKENS, SPECIAL_TOKENS, GalacticaTokenizer, HFTokenizer, escape_spans,
+                                load_tokenizer)
 from pretrain.tokenizer.escape import SPLIT_MARKER
-from pretrain.tokenizer.tokenizer import _chunks
+from pretrain.tokenizer.tokenizer import _chunks, _obeys_math_rule
+from pretrain.tokenizer.vocab import MATH_OPERATIONS, MATH_PARENTHESES
 
 SPAN_KINDS = ["SMILES", "I_SMILES", "AMINO", "DNA"]
 MIXED = [
@@ -81,10 +84,26 @@ def hf_export(corpus_tok, tmp_path_factory):
     return folder, transformers.AutoTokenizer.from_pretrained(folder)
 
 
+# The released Galactica's special tokens, ids 0-22: `added_tokens` of facebook/galactica-*'s tokenizer.json,
+# as listed in the `added_tokens_decoder` of tokenizer_config.json for those checkpoints (e.g.
+# huggingface.co/BAAI/OPI-Galactica-6.7B, RichardErkhov/facebook_-_galactica-125m-8bits) and in
+# facebook/nougat's special tokens (Nougat reuses Galactica's tokenizer); bos 0, pad 1, eos 2, unk 3 as
+# galai/model.py `_set_tokenizer` (paperswithcode/galai) sets them.
+RELEASED_SPECIAL_TOKENS = [
+    "<s>", "<pad>", "</s>", "<unk>", "[START_REF]", "[END_REF]", "[IMAGE]", "<fragments>", "</fragments>",
+    "<work>", "</work>", "[START_SUP]", "[END_SUP]", "[START_SUB]", "[END_SUB]", "[START_DNA]", "[END_DNA]",
+    "[START_AMINO]", "[END_AMINO]", "[START_SMILES]", "[END_SMILES]", "[START_I_SMILES]", "[END_I_SMILES]",
+]
+
+
+def test_special_token_table_is_the_released_order():
+    assert SPECIAL_TOKENS == RELEASED_SPECIAL_TOKENS
+
+
 def test_special_tokens_have_fixed_single_ids(tok):
-    assert SPECIAL_TOKENS[:4] == ["<s>", "<pad>", "</s>", "<unk>"] and len(SPECIAL_TOKENS) == 20
     assert (tok.bos_id, tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
-    assert [tok.id_to_piece(i) for i in range(20)] == SPECIAL_TOKENS
+    assert [tok.id_to_piece(i) for i in range(23)] == RELEASED_SPECIAL_TOKENS
+    assert tok.special_ids == {t: i for i, t in enumerate(RELEASED_SPECIAL_TOKENS)}
     for i, token in enumerate(SPECIAL_TOKENS[4:], start=4):
         assert tok.encode(token) == [i]
         assert tok.encode(f"see{token}here").count(i) == 1
@@ -99,6 +118,51 @@ def test_digits_are_single_tokens(tok):
     assert [tok.decode([i]) for i in ids] == list("737612.62")
     ids = tok.encode("in 2022 about 120 billion")
     assert [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()] == list("2022120")
+
+
+# ----------------------------------------------------------------------------- the math rule (paper §3.1)
+# "Mathematics: for mathematical content, with or without LaTeX, we split ASCII operations into individual
+# characters. Parentheses are treated like digits. The rest of the operations allow for unsplit repetitions.
+# Operation characters are !"#$%&'*+,-./:;<=>?\^_`| and parentheses are ()[]{}." (Taylor et al. 2022, §3.1)
+def pieces(tok, text: str) -> list[str]:
+    return [tok.decode([i]) for i in tok.encode(text)]
+
+
+def test_math_operation_characters_are_split_from_their_neighbours(tok):
+    assert MATH_OPERATIONS == "!\"#$%&'*+,-./:;<=>?\\^_`|" and MATH_PARENTHESES == "()[]{}"
+    for op in MATH_OPERATIONS:
+        assert pieces(tok, f"x{op}y") == ["x", op, "y"], op
+    for a, b in [("=", "-"), (".", ","), ("*", "/"), ("<", "="), ("\\", "_"), ("$", "\\")]:  # never merged
+        assert pieces(tok, f"x{a}{b}y") == ["x", a, b, "y"]
+    assert pieces(tok, "(x+y)*(x-y)") == ["(", "x", "+", "y", ")", "*", "(", "x", "-", "y", ")"]
+
+
+def test_math_parentheses_are_treated_like_digits(tok):
+    assert pieces(tok, "737612.62") == list("737612.62")  # the paper's digit example
+    for p in MATH_PARENTHESES:
+        assert pieces(tok, p * 4) == [p] * 4
+        assert pieces(tok, f"f{p}{p}x") == ["f", p, p, "x"]
+    # "()" and "``" are frequent in numpy docstrings: "()" stays two tokens, like "11"
+    assert pieces(tok, "f()") == ["f", "(", ")"] and pieces(tok, "11") == ["1", "1"]
+
+
+def test_math_operations_allow_unsplit_repetitions(tok):
+    # numpydoc underlines ("----------") are in the training text: runs of one operation are merged
+    underline = pieces(tok, "-" * 10)
+    assert "".join(underline) == "-" * 10 and len(underline) < 10 and all(set(p) == {"-"} for p in underline)
+    assert any(len(p) > 1 and set(p) == {"`"} for p in pieces(tok, "``x``"))
+    # in LaTeX too: the rule is not limited to $...$ (the paper: "with or without LaTeX")
+    text = r"$\frac{a}{b} \leq x_{i}^{2}$, i.e. ||x|| <= 1 --- see Eq. (3)."
+    for piece in pieces(tok, text):
+        assert _obeys_math_rule(piece), piece
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_no_piece_crosses_the_math_rule(tok):
+    normal = [tok.id_to_piece(i) for i in range(len(SPECIAL_TOKENS), tok.vocab_size) if not tok._sp.is_byte(i)]
+    with_math = [p for p in normal if any(c in MATH_OPERATIONS + MATH_PARENTHESES for c in p)]
+    assert with_math and all(_obeys_math_rule(p) for p in normal)
+    assert not _obeys_math_rule("\u2581(") and not _obeys_math_rule("x,") and not _obeys_math_rule("((")
 
 
 @pytest.mark.parametrize("kind", SPAN_KINDS)
@@ -198,7 +262,7 @@ def test_hf_export_gives_the_same_ids_on_prose(corpus_tok, corpus_sample, hf_exp
     mismatches = [p[:80] for p, a, b in zip(prose, ours, hf_ids) if a != b]
     assert not mismatches
     assert [hf.decode(ids) for ids in hf_ids[:500]] == prose[:500]
-    assert hf.decode([2]) == "</s>" and hf.convert_tokens_to_ids(GALACTICA_TOKENS) == list(range(4, 20))
+    assert hf.decode([2]) == "</s>" and hf.convert_tokens_to_ids(GALACTICA_TOKENS) == list(range(4, 23))
 
 
 def test_hf_export_gives_the_same_ids_on_escaped_spans(corpus_tok, corpus_sample, hf_export):
@@ -207,7 +271,7 @@ def test_hf_export_gives_the_same_ids_on_escaped_spans(corpus_tok, corpus_sample
     texts.append("[START_SMILES]C\u00e9 C[END_SMILES] [START_DNA][END_DNA]")
     escaped = [escape_spans(t) for t in texts]
     m = SPLIT_MARKER
-    assert escaped[-1] == f"[START_SMILES]C{m}\u00e9{m} {m}C[END_SMILES] [START_DNA][END_DNA]"
+    assert escaped[-1] == f"[START_SMILES]{m}C{m}\u00e9{m} {m}C{m}[END_SMILES] [START_DNA]{m}[END_DNA]"
     assert hf(escaped)["input_ids"] == corpus_tok.encode_batch(texts)
     # the standalone copy in the export folder escapes identically
     spec = importlib.util.spec_from_file_location("escape_spans_export", folder / "escape_spans.py")
@@ -215,3 +279,40 @@ def test_hf_export_gives_the_same_ids_on_escaped_spans(corpus_tok, corpus_sample
     spec.loader.exec_module(module)
     assert [module.escape_spans(t) for t in texts] == escaped
     assert escape_spans(corpus_sample["arxiv"][0]) == corpus_sample["arxiv"][0]
+
+
+# galai's escaping, transcribed from paperswithcode/galai galai/utils.py (`escape_custom_split_sequence`)
+GALAI_SEQ_RE = re.compile(r"(\[START_(DNA|SMILES|I_SMILES|AMINO)])(.*?)(\[END_\2])")
+
+
+def galai_escape(text: str) -> str:
+    def insert(m: re.Match) -> str:
+        start, _, sequence, end = m.groups()
+        sequence = re.sub(r"(.)", rf"{SPLIT_MARKER}\1", sequence, flags=re.DOTALL)
+        return f"{start}{sequence}{SPLIT_MARKER}{end}"
+    return GALAI_SEQ_RE.sub(insert, text)
+
+
+def test_escape_spans_is_galais_escaping(corpus_sample):
+    texts = corpus_sample["molecules"][:500] + corpus_sample["proteins"][:50] + corpus_sample["dna"][:10] + MIXED
+    texts.append("a [START_DNA][END_DNA] b [START_I_SMILES]C[C@@H](O)N[END_I_SMILES] [START_AMINO]M K[END_AMINO]")
+    assert sum(SPLIT_MARKER in galai_escape(t) for t in texts) > 500
+    assert [escape_spans(t) for t in texts] == [galai_escape(t) for t in texts]
+    # the one difference, documented in escape.py: galai leaves a span with a line break unescaped
+    assert escape_spans("[START_DNA]AC\nG[END_DNA]") != galai_escape("[START_DNA]AC\nG[END_DNA]")
+
+
+def test_hf_tokenizer_on_our_export_gives_our_ids(corpus_tok, corpus_sample, hf_export):
+    """HFTokenizer (gal-prepare tokenizer.from_hf) over our own export: the same ids as GalacticaTokenizer,
+    spans included (it escapes them itself), the same special ids and vocabulary."""
+    folder, _ = hf_export
+    hf = HFTokenizer.load(folder)
+    assert hf.special_ids == corpus_tok.special_ids and hf.vocab_size == corpus_tok.vocab_size
+    assert (hf.bos_id, hf.pad_id, hf.eos_id, hf.unk_id) == (0, 1, 2, 3)
+    texts = (corpus_sample["arxiv"][-500:] + corpus_sample["molecules"][-300:] + corpus_sample["proteins"][-30:]
+             + [m for m in MIXED if "\u2581" not in m and "</s>" not in m])
+    assert hf.encode_batch(texts) == corpus_tok.encode_batch(texts)
+    # the one other difference (from_hf.py's docstring): a `tokenizers` file reads "</s>" in text as eos, as galai does
+    assert hf.encode("a </s> b")[2] == 2 and 2 not in corpus_tok.encode("a </s> b")
+    assert hf.decode(hf.encode(texts[0])) == texts[0]
+    assert load_tokenizer(folder).kind == "sentencepiece" and load_tokenizer(folder / "tokenizer.json").kind == "hf"

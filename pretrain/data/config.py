@@ -21,13 +21,15 @@ SAMPLE_VOCAB_SIZE = 8000  # the built-in sample corpus (~1M tokens) is too small
 class SourceFormat:
     # Parts of the document, joined by a blank line. `{field}` inserts a record field, `{field|f}`
     # passes it through a formatter: smiles, amino, dna (Galactica span markup), properties (a dict
-    # as "key: value" lines), cite (wraps the matches of citation_regex in [START_REF]…[END_REF]),
+    # as "key: value" lines), cite (wraps the citations citation_regex finds in [START_REF]…[END_REF]),
     # formula (a SMILES field → RDKit's molecular formula; held-out records become probe records).
     # A part whose fields are absent or empty is left out.
     template: List[str] = field(default_factory=lambda: ["{text}"])
     required: List[str] = field(default_factory=lambda: ["text"])  # missing/empty → bad input
     near_dedup: bool = True  # MinHash near-duplicate detection (off for molecules/sequences)
-    citation_regex: Optional[str] = None  # group 1 is the citation (multiline regex)
+    # Citations for `|cite` (Python re, MULTILINE; `(?x)` allows a commented one): in each match, the first
+    # capturing group that took part is wrapped in [START_REF]…[END_REF] (one group per alternative form).
+    citation_regex: Optional[str] = None
 
 
 @dataclass
@@ -58,7 +60,11 @@ class TokenizerConf:
     sample_fraction: float = 0.02  # of the training documents, chosen by a hash of (seed, id)
     min_sample_docs: int = 5000  # at least this many documents (all of a small corpus)
     seed: int = 0
-    path: Optional[str] = None  # an existing tokenizer (.model) to use instead of training one
+    # Instead of training one (vocab_size, sample_fraction, min_sample_docs and seed are then unused):
+    path: Optional[str] = None  # our own tokenizer.model (or its folder), e.g. another shard set's tokenizer/
+    # A Hugging Face tokenizer folder (tokenizer.json), e.g. a downloaded facebook/galactica-1.3b, to continue
+    # training a released checkpoint: its ids, special ids read from it, spans escaped as galai does.
+    from_hf: Optional[str] = None
 
 
 @dataclass
@@ -111,6 +117,8 @@ def validate(cfg: PrepareConf) -> None:
          "tokenizer.vocab_size", "must be >= 300 (bytes + special tokens) and < 2**32")
     need(0.0 < cfg.tokenizer.sample_fraction <= 1.0, "tokenizer.sample_fraction", "must be in (0, 1]")
     need(cfg.tokenizer.min_sample_docs >= 1, "tokenizer.min_sample_docs", "must be >= 1")
+    need(not (cfg.tokenizer.path and cfg.tokenizer.from_hf), "tokenizer.from_hf",
+         f"tokenizer.path={cfg.tokenizer.path!r} is set too: use one of them")
     need(cfg.shards.seq_len >= 1, "shards.seq_len", "must be >= 1")
     need(cfg.shards.samples_per_shard >= 1, "shards.samples_per_shard", "must be >= 1")
     for name, fmt in cfg.corpus.items():

@@ -5,7 +5,8 @@ Templates come from the corpus config (`conf/corpus/*.yaml`), see :class:`Source
   amino       `[START_AMINO]…[END_AMINO]` (uppercase one-letter codes)
   dna         `[START_DNA]…[END_DNA]` (uppercase IUPAC nucleotides)
   properties  a JSON object as "key: value" lines
-  cite        matches of the source's citation_regex (group 1) wrapped in `[START_REF]…[END_REF]`
+  cite        citations wrapped in `[START_REF]…[END_REF]`: in each match of the source's citation_regex,
+              the first capturing group that took part (:func:`wrap_citations`)
   formula     a SMILES field → its molecular formula by RDKit's CalcMolFormula (Hill order, charge
               last: "C9H13NO2", "H4N+"); a SMILES RDKit cannot parse renders nothing, so its part is
               left out (the document is kept; the manifest counts these as `no_formula`)
@@ -182,8 +183,32 @@ class Renderer:
             return "\n".join(f"{clean_text(str(k), self.unicode_form)}: {clean_text(str(v), self.unicode_form)}"
                              for k, v in value.items())
         text = clean_text(str(value), self.unicode_form)
-        if formatter == "cite":
-            regex = self.citations[source]
-            if regex is not None:
-                text = regex.sub(lambda m: m.group(0).replace(m.group(1), f"[START_REF]{m.group(1)}[END_REF]", 1), text)
+        if formatter == "cite" and self.citations[source] is not None:
+            text = wrap_citations(self.citations[source], text)
         return text
+
+
+_REF_SPAN = re.compile(r"\[START_REF\].*?\[END_REF\]", re.DOTALL)
+
+
+def _wrap_group(m: re.Match) -> str:
+    """The match with its first participating group between [START_REF] and [END_REF]."""
+    g = next((i for i in range(1, m.re.groups + 1) if m.group(i) is not None), None)
+    if g is None:
+        return m.group(0)
+    start, end = m.start(g) - m.start(), m.end(g) - m.start()
+    return f"{m.group(0)[:start]}[START_REF]{m.group(0)[start:end]}[END_REF]{m.group(0)[end:]}"
+
+
+def wrap_citations(regex: re.Pattern, text: str) -> str:
+    """Galactica's citation markup (arXiv 2211.09085, §3.1: "we wrap citations with special reference
+    tokens [START_REF] and [END_REF]"): in every match of `regex`, the first capturing group that took
+    part in the match is wrapped, so one regex can list several citation forms as alternatives, each
+    with its own group. Text already inside [START_REF]…[END_REF] is left as it is."""
+    if "[START_REF]" not in text:
+        return regex.sub(_wrap_group, text)
+    out, pos = [], 0
+    for ref in _REF_SPAN.finditer(text):
+        out += [regex.sub(_wrap_group, text[pos:ref.start()]), ref.group(0)]
+        pos = ref.end()
+    return "".join(out) + regex.sub(_wrap_group, text[pos:])

@@ -5,9 +5,12 @@ Two streaming passes with bounded memory (except the dedup tables, see dedup.py)
      input order) dedup, split, append to a work file of kept documents; pick the tokenizer sample;
      write the held-out records of sources with a formula to probes/<source>.jsonl (the chemistry
      probe's prompts and gold formulas, pretrain/evaluation/probes.py).
-  2. train the tokenizer on the sample; read the work file → (workers) tokenize → (main) pack into
-     samples of seq_len + 1 tokens → shards + index per split and source (train/<source>/,
-     valid/<source>/), so a run can mix the sources (pretrain/data/loader.py).
+  2. train the tokenizer on the sample (or take tokenizer.path / tokenizer.from_hf as it is); read the
+     work file → (workers) tokenize → (main) pack into samples of seq_len + 1 tokens → shards + index
+     per split and source (train/<source>/, valid/<source>/), so a run can mix the sources
+     (pretrain/data/loader.py).
+The tokenizer goes into OUTPUT/tokenizer/ (its file, named in the manifest, and an AutoTokenizer folder),
+so the shards describe themselves: `pretrain.tokenizer.load_tokenizer(OUTPUT/manifest["tokenizer"]["model"])`.
 Everything is written into a temporary directory beside the output, renamed into place at the end,
 so an interrupted run never leaves a manifest that claims incomplete shards. Workers run in order
 (a bounded window of batches in flight), so the output is a deterministic function of the input and
@@ -129,9 +132,9 @@ def _clean_batch(batch: list[RawLine]) -> list[tuple]:
     return [_clean_one(raw) for raw in batch]
 
 
-def _init_tokenize(model_path: str, dtype: str) -> None:
-    from pretrain.tokenizer import GalacticaTokenizer
-    _W["tokenizer"] = GalacticaTokenizer.load(model_path)
+def _init_tokenize(tokenizer_file: str, dtype: str) -> None:
+    from pretrain.tokenizer import load_tokenizer
+    _W["tokenizer"] = load_tokenizer(tokenizer_file)
     _W["dtype"] = np.dtype(dtype)
 
 
@@ -291,13 +294,29 @@ def _read_work(work: Path, offsets: list[int] | None = None) -> Iterator[dict]:
             yield json.loads(f.readline())
 
 
-def _train_tokenizer(cfg: PrepareConf, work: Path, sample: list[int], out_dir: Path, vocab_size: int,
-                     workers: int, progress: bool):
-    from pretrain.tokenizer import GalacticaTokenizer
+def _given_tokenizer(cfg: PrepareConf):
+    """tokenizer.from_hf's or tokenizer.path's tokenizer, loaded before any work so that a bad one fails
+    first; None when one is to be trained."""
+    from pretrain.tokenizer import GalacticaTokenizer, HFTokenizer
+    if cfg.tokenizer.from_hf:
+        try:
+            return HFTokenizer.load(cfg.tokenizer.from_hf)
+        except ConfigError as e:
+            raise ConfigError(f"tokenizer.from_hf: {e}") from None
     if cfg.tokenizer.path:
-        tok = GalacticaTokenizer.load(cfg.tokenizer.path)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "tokenizer.model").write_bytes(tok.model_proto)
+        return GalacticaTokenizer.load(cfg.tokenizer.path)
+    return None
+
+
+def _tokenizer(cfg: PrepareConf, given, work: Path, sample: list[int], out_dir: Path, vocab_size: int,
+               workers: int, progress: bool):
+    """The shard set's tokenizer written into out_dir: the given one (tokenizer.from_hf's tokenizer.json is
+    its own AutoTokenizer folder), or our sentencepiece model trained on the sample; ours gets its Hugging
+    Face export in out_dir/hf."""
+    from pretrain.tokenizer import GalacticaTokenizer
+    if given is not None:
+        tok = given
+        tok.save(out_dir)
     else:
         if not sample:
             raise ValueError("no training documents left to train the tokenizer on (all dropped or held out?)")
@@ -306,11 +325,12 @@ def _train_tokenizer(cfg: PrepareConf, work: Path, sample: list[int], out_dir: P
             print(f"training the tokenizer (vocab {vocab_size:,}) on {len(sample):,} documents ...", file=sys.stderr)
         tok = GalacticaTokenizer.train(texts, out_dir, vocab_size=vocab_size, seed=cfg.tokenizer.seed,
                                        num_threads=max(workers, 1), progress=False)
-    tok.export_hf(out_dir / "hf")
+    if tok.kind == "sentencepiece":
+        tok.export_hf(out_dir / "hf")
     return tok
 
 
-def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size: int, workers: int,
+def _pass2(cfg: PrepareConf, work: Path, out: Path, tokenizer_file: Path, vocab_size: int, workers: int,
            stats: Stats, pad_id: int, progress: bool) -> dict[str, dict]:
     """Tokenize the kept documents and pack them into train/<source>/ and valid/<source>/ shards."""
     dtype = token_dtype(vocab_size)
@@ -323,7 +343,7 @@ def _pass2(cfg: PrepareConf, work: Path, out: Path, model_path: Path, vocab_size
         return packers[name]
 
     total = sum(c["documents"] for s in stats.counts.values() for c in s.values())
-    pool = _pool(workers, _init_tokenize, (str(model_path), dtype.name))
+    pool = _pool(workers, _init_tokenize, (str(tokenizer_file), dtype.name))
     bar = tqdm(total=total, desc="tokenize+pack", unit=" docs", disable=not progress)
     try:
         batches = _batched(_read_work(work), DOCS_PER_BATCH)
@@ -376,6 +396,7 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
         raise FileNotFoundError(f"input=null but the built-in sample is missing from {SAMPLE_DIR} "
                                 "(run python -m pretrain.data.make_sample)")
     vocab_size = cfg.tokenizer.vocab_size or (SAMPLE_VOCAB_SIZE if builtin else PAPER_VOCAB_SIZE)
+    given = _given_tokenizer(cfg)
     workers = cfg.workers or os.cpu_count() or 1
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove_stale_temporaries(out)
@@ -390,10 +411,10 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
         _require_training_documents(files, stats)
         timing["clean_dedup_split_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        tok = _train_tokenizer(cfg, work, sample, tmp / "tokenizer", vocab_size, workers, progress)
+        tok = _tokenizer(cfg, given, work, sample, tmp / "tokenizer", vocab_size, workers, progress)
         timing["tokenizer_train_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        splits = _pass2(cfg, work, tmp, tmp / "tokenizer" / "tokenizer.model", tok.vocab_size, workers,
+        splits = _pass2(cfg, work, tmp, tmp / "tokenizer" / tok.file_name, tok.vocab_size, workers,
                         stats, tok.pad_id, progress)
         timing["tokenize_pack_s"] = time.perf_counter() - t2
         timing["total_s"] = time.perf_counter() - t0
@@ -443,6 +464,7 @@ def _manifest(cfg, files, stats: Stats, splits, tok, sample, timing, workers) ->
     from omegaconf import OmegaConf
     sources = {s: {split: dict(c) for split, c in v.items()} for s, v in sorted(stats.counts.items())}
     dedup_reasons = [r for r in stats.drops if "duplicate" in r]
+    given = cfg.tokenizer.from_hf or cfg.tokenizer.path
     return {
         "format": FORMAT_VERSION,
         "seq_len": cfg.shards.seq_len,
@@ -451,9 +473,13 @@ def _manifest(cfg, files, stats: Stats, splits, tok, sample, timing, workers) ->
         "vocab_size": tok.vocab_size,
         "pad_id": tok.pad_id,
         "eos_id": tok.eos_id,
-        "tokenizer": {"sha256": tok.sha256, "model": "tokenizer/tokenizer.model", "hf": "tokenizer/hf",
-                      "trained_on_documents": 0 if cfg.tokenizer.path else len(sample),
-                      "from": cfg.tokenizer.path or "trained"},
+        # the tokenizer: kind "sentencepiece" (ours) or "hf" (tokenizer.from_hf); "model" its file (the bytes
+        # sha256 hashes; pretrain.tokenizer.load_tokenizer reads either), "hf" an AutoTokenizer folder
+        "tokenizer": {"kind": tok.kind, "sha256": tok.sha256, "model": f"tokenizer/{tok.file_name}",
+                      "hf": "tokenizer/hf" if tok.kind == "sentencepiece" else "tokenizer",
+                      "vocab_size": tok.vocab_size, "special_ids": tok.special_ids,
+                      "trained_on_documents": 0 if given else len(sample),
+                      "from": given or "trained"},
         "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
         "input": {"lines": stats.lines, "bytes": stats.input_bytes},
         "sources": sources,

@@ -34,7 +34,7 @@ import torch
 from pretrain.config import ConfigError, ValidationConf
 from pretrain.data.loader import PROBE_MOLECULE_STREAM
 from pretrain.evaluation import lockstep
-from pretrain.tokenizer import SPECIAL_TOKENS, GalacticaTokenizer
+from pretrain.tokenizer import load_tokenizer
 
 SAMPLE_SEED_STRIDE = 1_000_003  # SMILES sample i of data seed s draws from torch.Generator(s * stride + i)
 
@@ -100,7 +100,7 @@ class ChemistryProbes:
         if "model" not in manifest.get("tokenizer", {}):
             raise ConfigError(f"validation.probes=true needs the run's tokenizer, but {Path(data_path) / 'manifest.json'} "
                               "names none (prepare the shards with gal-prepare, or set validation.probes=false)")
-        tok = GalacticaTokenizer.load(Path(data_path) / manifest["tokenizer"]["model"])
+        tok = load_tokenizer(Path(data_path) / manifest["tokenizer"]["model"])  # ours, or tokenizer.from_hf's
         self.tokenizer, self.eos_id, self.pad_id = tok, tok.eos_id, tok.pad_id
         records = load_probe_records(data_path, manifest)
         if len(records) > conf.probe_molecules:  # a fixed random subset, like the `seen` probe
@@ -111,7 +111,7 @@ class ChemistryProbes:
         self.smiles_prompt = [self.eos_id, tok.piece_to_id("[START_I_SMILES]")]
         self.end_smiles_id = tok.piece_to_id("[END_I_SMILES]")
         # the formula's line ends at a token holding a newline, or at a special token (</s>, markers)
-        self.special_ids = set(range(len(SPECIAL_TOKENS)))
+        self.special_ids = set(tok.special_ids.values())
         self.line_end_ids = self.special_ids | {i for i in range(tok.vocab_size) if "\n" in tok.decode([i])}
 
     @torch.no_grad()

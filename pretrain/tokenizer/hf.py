@@ -9,10 +9,12 @@ Layout of the folder:
     README.md                how to use it
 
 The `tokenizers` pipeline reproduces sentencepiece exactly on prose: normalizer " " -> "▁" (no
-prefix), the 16 Galactica markers as added tokens, a pre-tokenizer that removes the span split
-marker and splits digits, then BPE whose merges are ranked by sentencepiece piece scores. A plain
-Hugging Face tokenizer cannot know it is inside a SMILES / amino-acid / DNA span, so span text must
-be passed through `escape_spans` first (as with Galactica's released tokenizer).
+prefix), the Galactica markers as added tokens at the released ids (4-22, pretrain/tokenizer/vocab.py),
+a pre-tokenizer that removes the span split marker and splits digits, then BPE whose merges are
+ranked by sentencepiece piece scores. The math rule needs no pre-tokenizer of its own: no piece of the
+vocabulary crosses its boundaries (pretrain/tokenizer/tokenizer.py), so no merge can. A plain Hugging
+Face tokenizer cannot know it is inside a SMILES / amino-acid / DNA span, so span text must be passed
+through `escape_spans` first (as with Galactica's released tokenizer).
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from . import escape
-from .vocab import CONTROL_TOKENS, GALACTICA_TOKENS, MODEL_FILE, SPACE
+from .vocab import CONTROL_TOKENS, GALACTICA_TOKENS, HF_FILE, MATH_OPERATIONS, MODEL_FILE, SPACE, SPECIAL_TOKENS
 
 _README = """# Galactica tokenizer (Hugging Face export)
 
 Exported by galactica-pretrain from `tokenizer.model` (sha256 `{sha}`), vocabulary {vocab} tokens.
 Ids: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3 (never produced: byte fallback), then the Galactica
-markers {markers} (ids 4-19). Every digit is its own token. No bos/eos is added on encode.
+markers {markers} (ids 4-{last}, the order of the released Galactica). Every digit is its own token, and
+so is every parenthesis; a token with one of the operation characters `` {operations} `` holds only a run
+of that one character (the math rule of the Galactica paper, §3.1). No bos/eos is added on encode.
 
 ```python
 from transformers import AutoTokenizer
@@ -41,11 +45,12 @@ ids = tok(escape_spans("Glycine is [START_I_SMILES]C(C(=O)O)N[END_I_SMILES].")) 
 ```
 
 Inside `[START_SMILES]`, `[START_I_SMILES]`, `[START_AMINO]` and `[START_DNA]` spans every character
-is one token. `escape_spans(text)` inserts the split marker `{marker}` between span characters and
-the `Split` pre-tokenizer in tokenizer.json removes it; without escaping, span text is tokenized
-like prose. With escaping, the ids equal `GalacticaTokenizer.encode(text)`.
-Known difference: a literal U+2581 (▁) in text is byte-encoded by GalacticaTokenizer but read as a
-space here.
+is one token. `escape_spans(text)` inserts the split marker `{marker}` before each span character
+and before the span's end marker (as galai does), and the `Split` pre-tokenizer in tokenizer.json
+removes it; without escaping, span text is tokenized like prose. With escaping, the ids equal
+`GalacticaTokenizer.encode(text)`. Known differences: a literal U+2581 (▁) in text is byte-encoded by
+GalacticaTokenizer but read as a space here; `tokenizers` itself (not transformers, which this folder
+configures with `split_special_tokens`) reads "</s>" in text as the eos token.
 """
 
 
@@ -83,7 +88,7 @@ def export_hf(tokenizer, out_dir: str | Path) -> Path:
     """Write the folder described in this module's docstring; returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    build_hf_tokenizer(tokenizer.model_proto).save(str(out / "tokenizer.json"))
+    build_hf_tokenizer(tokenizer.model_proto).save(str(out / HF_FILE))
     specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -100,6 +105,6 @@ def export_hf(tokenizer, out_dir: str | Path) -> Path:
     (out / MODEL_FILE).write_bytes(tokenizer.model_proto)
     shutil.copyfile(escape.__file__, out / "escape_spans.py")
     (out / "README.md").write_text(_README.format(
-        sha=tokenizer.sha256, vocab=tokenizer.vocab_size, marker=escape.SPLIT_MARKER,
-        markers=" ".join(f"`{t}`" for t in GALACTICA_TOKENS)))
+        sha=tokenizer.sha256, vocab=tokenizer.vocab_size, marker=escape.SPLIT_MARKER, last=len(SPECIAL_TOKENS) - 1,
+        markers=" ".join(f"`{t}`" for t in GALACTICA_TOKENS), operations=MATH_OPERATIONS))
     return out

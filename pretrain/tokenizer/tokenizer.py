@@ -1,14 +1,25 @@
 """The Galactica tokenizer: sentencepiece BPE plus Galactica markup.
 
-Rules (Galactica paper, section 2.1), all enforced here and in the Hugging Face export:
-- fixed ids: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, then the 16 Galactica markers (ids 4-19), each
-  a single token wherever it appears in text;
+Rules (Galactica paper, arXiv 2211.09085, §3.1), all enforced here and in the Hugging Face export:
+- fixed ids: `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3, then the 19 Galactica markers (ids 4-22, the
+  released order: pretrain/tokenizer/vocab.py), each a single token wherever it appears in text;
 - byte fallback: a character that is not a piece becomes its UTF-8 byte pieces, `<unk>` never appears;
-- every digit is its own token (sentencepiece `split_digits`);
+- numbers: every digit is its own token (sentencepiece `split_digits`), "737612.62" -> 7,3,7,6,1,2,.,6,2;
+- mathematics (the math rule, :data:`MATH_SPLIT_RE`): "we split ASCII operations into individual
+  characters. Parentheses are treated like digits. The rest of the operations allow for unsplit
+  repetitions. Operation characters are !"#$%&'*+,-./:;<=>?\\^_`| and parentheses are ()[]{}" (§3.1).
+  So `(`, `)`, `[`, `]`, `{`, `}` are always single tokens, and a token holding an operation character
+  holds nothing else: one of them, or a run of the same one ("--", "=="). The paper applies it to
+  "mathematical content, with or without LaTeX": math without LaTeX has no delimiters to find it by,
+  so the rule applies to all prose (everything outside the sequence spans below), not only to `$…$`;
 - inside `[START_SMILES]`, `[START_I_SMILES]`, `[START_AMINO]` and `[START_DNA]` spans every character
   is its own token (the span content never reaches the BPE merges);
 - exact round trip: identity normalization, no dummy prefix, whitespace kept, so
   `decode(encode(x)) == x` for any text.
+
+The digit and math rules are rules of the vocabulary: no piece crosses their boundaries (sentencepiece's
+`split_digits`, and its `pretokenization_delimiter` at training for the math rule; :meth:`GalacticaTokenizer.load`
+checks it), so BPE cannot merge across them, here or in the exported tokenizer.json.
 
 The four control strings `<s>`, `<pad>`, `</s>`, `<unk>` are not recognized in text (they are encoded
 as plain characters); the data pipeline appends `eos_id` between documents itself.
@@ -28,7 +39,17 @@ from tqdm import tqdm
 from pretrain.config import ConfigError
 
 from .escape import SPAN_RE
-from .vocab import GALACTICA_TOKENS, MODEL_FILE, SPACE, SPECIAL_TOKENS
+from .vocab import GALACTICA_TOKENS, MATH_OPERATIONS, MATH_PARENTHESES, MODEL_FILE, SPACE, SPECIAL_TOKENS
+
+# The math rule (§3.1, quoted in the module docstring; its characters in vocab.py): a parenthesis alone, or a
+# run of one operation character. Every match is a piece boundary on both sides.
+MATH_SPLIT_RE = re.compile("[" + re.escape(MATH_PARENTHESES) + "]|([" + re.escape(MATH_OPERATIONS) + r"])\1*")
+# Marks the math rule's boundaries in the training text: sentencepiece's `pretokenization_delimiter`, which
+# no piece crosses and which is removed. A private-use character, taken out of the text beforehand.
+_PRETOKENIZE = "\U0010FFFD"
+# The Galactica markers hold brackets and underscores: they stay whole (user-defined symbols).
+_TRAINING_SPLIT_RE = re.compile("|".join(re.escape(t) for t in GALACTICA_TOKENS) + "|" + MATH_SPLIT_RE.pattern)
+_MARKERS = frozenset(GALACTICA_TOKENS)
 
 # One pass finds everything that is not plain prose: a span (group 1: its kind, group 2: content),
 # a Galactica marker, or a literal U+2581.
@@ -43,9 +64,17 @@ _REQUIRED_CHARS = "".join(chr(c) for c in range(0x21, 0x7F)) + "\t\n"
 
 
 class GalacticaTokenizer:
-    """A trained Galactica tokenizer. Create it with `train` or `load`."""
+    """A trained Galactica tokenizer. Create it with `train` or `load`.
 
+    Its interface, shared with :class:`pretrain.tokenizer.from_hf.HFTokenizer` (gal-prepare and the
+    probes take either, see :func:`pretrain.tokenizer.load_tokenizer`): `kind`, `file_name` (the file
+    `sha256` hashes, written by `save`), `vocab_size`, `bos_id` / `pad_id` / `eos_id` / `unk_id`,
+    `special_ids` (token -> id), `encode`, `encode_batch`, `decode`, `piece_to_id`.
+    """
+
+    kind, file_name = "sentencepiece", MODEL_FILE
     bos_id, pad_id, eos_id, unk_id = 0, 1, 2, 3
+    special_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
 
     def __init__(self, model_proto: bytes, num_threads: int = 1, word_cache_size: int = 500_000):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -56,8 +85,13 @@ class GalacticaTokenizer:
         pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
         if pieces[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
             raise ConfigError(f"not a Galactica tokenizer: ids 0-{len(SPECIAL_TOKENS) - 1} are "
-                             f"{pieces[:len(SPECIAL_TOKENS)]}, expected {SPECIAL_TOKENS}")
-        self._special_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+                             f"{pieces[:len(SPECIAL_TOKENS)]}, expected {SPECIAL_TOKENS} (the released order; "
+                             "a tokenizer trained before it cannot be used: re-prepare the shards)")
+        crossing = [p for i, p in enumerate(pieces) if i >= len(SPECIAL_TOKENS) and not self._sp.is_byte(i)
+                    and not _obeys_math_rule(p)]
+        if crossing:
+            raise ConfigError(f"not a Galactica tokenizer: pieces {crossing[:5]} cross the math rule's boundaries "
+                              "(trained without it); re-prepare the shards to train a new one")
         self._byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
         self._char_ids: dict[str, list[int]] = {}
         self._word_ids: dict[str, list[int]] = {}  # prose word -> ids, cleared past word_cache_size
@@ -92,6 +126,8 @@ class GalacticaTokenizer:
         into chunks of at most `max_sentence_bytes` UTF-8 bytes (sentencepiece drops longer
         sentences). At most `max_sentences` chunks are kept, a uniform reservoir sample seeded by
         `seed`, which bounds memory; the result is a deterministic function of (texts, options).
+        The math rule's boundaries are marked in the chunks for sentencepiece, which then learns no
+        piece across them (see the module docstring).
         """
         rng = random.Random(seed)
         chunks: list[str] = []
@@ -115,6 +151,7 @@ class GalacticaTokenizer:
         required = "".join(sorted(set(_REQUIRED_CHARS) | (span_chars - {" ", SPACE})))
         spm.set_random_generator_seed(seed)
         model = io.BytesIO()
+        chunks = [_TRAINING_SPLIT_RE.sub(_delimit, c.replace(_PRETOKENIZE, "")) for c in chunks]
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(chunks), model_writer=model, model_type="bpe",
@@ -123,18 +160,25 @@ class GalacticaTokenizer:
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
                 bos_id=0, pad_id=1, eos_id=2, unk_id=3,
                 bos_piece="<s>", pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-                user_defined_symbols=GALACTICA_TOKENS, required_chars=required,
+                user_defined_symbols=GALACTICA_TOKENS, required_chars=required, pretokenization_delimiter=_PRETOKENIZE,
                 input_sentence_size=0, shuffle_input_sentence=False,
-                max_sentence_length=max_sentence_bytes, train_extremely_large_corpus=False,
+                # a chunk grows by the delimiters around its math characters (4 UTF-8 bytes each)
+                max_sentence_length=9 * max_sentence_bytes, train_extremely_large_corpus=False,
                 num_threads=num_threads, minloglevel=0 if progress else 2,
             )
         except RuntimeError as e:
             raise ConfigError(f"tokenizer.vocab_size={vocab_size}: sentencepiece training failed on "
                               f"{len(chunks)} training chunks ({e}); a smaller vocabulary or more text") from e
+        tok = cls(model.getvalue())
+        tok.save(out_dir)
+        return tok
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write out_dir/tokenizer.model (the file `sha256` hashes); returns its path."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MODEL_FILE).write_bytes(model.getvalue())
-        return cls(model.getvalue())
+        (out_dir / MODEL_FILE).write_bytes(self.model_proto)
+        return out_dir / MODEL_FILE
 
     # ---------------------------------------------------------------- encode / decode
     def encode(self, text: str) -> list[int]:
@@ -180,16 +224,16 @@ class GalacticaTokenizer:
                 prose.append(text[pos:start])
             kind = m.group(1)
             if kind:  # a span: markers + one token per character
-                ids = [self._special_ids[f"[START_{kind}]"]]
+                ids = [self.special_ids[f"[START_{kind}]"]]
                 char_ids = self._char_ids
                 for c in m.group(2):
                     ids += char_ids.get(c) or self._char_to_ids(c)
-                ids.append(self._special_ids[f"[END_{kind}]"])
+                ids.append(self.special_ids[f"[END_{kind}]"])
                 plan.append(ids)
             elif m.group(0) == SPACE:
                 plan.append([self._byte_ids[b] for b in SPACE.encode()])
             else:
-                plan.append([self._special_ids[m.group(0)]])
+                plan.append([self.special_ids[m.group(0)]])
             pos = m.end()
         if pos < len(text):
             plan.append(len(prose))
@@ -225,6 +269,18 @@ class GalacticaTokenizer:
 
     def __repr__(self) -> str:
         return f"GalacticaTokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+def _delimit(m: re.Match) -> str:
+    """A math-rule match between two boundaries; a Galactica marker as it is."""
+    return m.group(0) if m.group(0) in _MARKERS else f"{_PRETOKENIZE}{m.group(0)}{_PRETOKENIZE}"
+
+
+def _obeys_math_rule(piece: str) -> bool:
+    """No math-rule boundary inside the piece: it holds no parenthesis or operation character, or is
+    exactly one parenthesis or one run of one operation character."""
+    text = piece.replace(SPACE, " ")
+    return MATH_SPLIT_RE.search(text) is None or MATH_SPLIT_RE.fullmatch(text) is not None
 
 
 def _chunks(text: str, max_bytes: int) -> Iterable[str]:

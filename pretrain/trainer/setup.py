@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from launch.env import DistEnv, check_topology
 from model import parallel
 from model.config import GalacticaConfig
+from model.hf import load_full_state_dict, read_hf
 from model.transformer import GalacticaLM
-from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, config_hash, global_batch_samples, model_config,
-                             model_shape, validate)
+from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, adopt_init_from, config_hash, global_batch_samples,
+                             model_config, model_shape, validate)
 from pretrain.data.loader import EpochLoader, Stream, plan_streams, samples_per_epoch
 from pretrain.data.shards import TrainSplit, data_identity, read_manifest
 from pretrain.evaluation.validation import ValidationSchedule, Validator
@@ -70,9 +71,12 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
     world_size = env.world_size
     check_topology(world_size, cfg.trainer.tensor_parallel, env.local_world_size,
                    gpus=pick_device(cfg, env).type == "cuda")
+    adopt_init_from(cfg.model)
     path = Path(cfg.data.path)
     manifest = read_manifest(path)
     model_cfg = model_config(cfg, manifest)
+    if cfg.model.init_from:
+        check_vocabulary(Path(cfg.model.init_from), path, manifest)
     train = TrainSplit(path, vocab_size=model_cfg.vocab_size)  # ids at or above it are named, shard and sample
     r = cfg.data.repeat
     streams = plan_streams({name: train.ids(name) for name in train.sources}, mixture=cfg.data.mixture,
@@ -88,6 +92,24 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
                     grad_accum=gbs // (t.micro_batch_size * (world_size // t.tensor_parallel)),
                     total_steps=max(1, math.ceil(total_tokens / (gbs * seq_len))))
     return Data(path, manifest, train, streams), model_cfg, shapes
+
+
+def check_vocabulary(folder: Path, data_path: Path, manifest: dict) -> None:
+    """``model.init_from``: the shards must be tokenized with the checkpoint's tokenizer. When both have a
+    tokenizer.json (the shards' is manifest["tokenizer"]["hf"]), their token → id tables must be equal;
+    otherwise only the sizes are checked (model_config)."""
+    from tokenizers import Tokenizer
+
+    theirs = folder / "tokenizer.json"
+    ours = data_path / manifest.get("tokenizer", {}).get("hf", "tokenizer/hf") / "tokenizer.json"
+    if not (theirs.is_file() and ours.is_file()):
+        return
+    a, b = (Tokenizer.from_file(str(p)).get_vocab(with_added_tokens=True) for p in (theirs, ours))
+    if a != b:
+        differ = sum(a.get(token) != i for token, i in b.items())
+        raise ConfigError(f"data.path={data_path} was tokenized with another vocabulary than model.init_from="
+                          f"{folder} ({differ} of the shards' {len(b)} tokens have another id or none there): "
+                          f"prepare the shards with gal-prepare tokenizer.from_hf={folder}")
 
 
 def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -123,10 +145,14 @@ class EngineInfo:
 
 
 def build_engine(cfg: TrainConfig, model_cfg: GalacticaConfig, shapes: Shapes, device: torch.device,
-                 load_universal: bool = False) -> tuple[object, EngineInfo]:
-    """The model (seeded by ``seed``) in the DeepSpeed engine, reading checkpoints with weights_only."""
+                 load_universal: bool = False, init_from: str | None = None) -> tuple[object, EngineInfo]:
+    """The model (seeded by ``seed``; with ``init_from``, a Hugging Face folder's weights) in the DeepSpeed
+    engine, reading checkpoints with weights_only. Every rank loads the full weights and keeps its TP
+    shard before DeepSpeed partitions them (ZeRO-3 included)."""
     parallel.manual_seed(cfg.seed)
     model = GalacticaLM(model_cfg)
+    if init_from:
+        load_hf_weights(model, init_from)
     params, flops = model.num_parameters(), model.flops_per_token(shapes.seq_len)
     if device.type == "cuda":
         model = model.to(device)
@@ -136,6 +162,20 @@ def build_engine(cfg: TrainConfig, model_cfg: GalacticaConfig, shapes: Shapes, d
         load_universal=load_universal)
     checkpoint.use_weights_only_loading(engine)
     return engine, EngineInfo(ds_config, warmup, params, flops)
+
+
+def load_hf_weights(model: GalacticaLM, folder: str) -> None:
+    """``model.init_from``: the folder's weights into the model, which must be the folder's architecture."""
+    try:
+        arch, full = read_hf(folder)
+        differ = {k: (getattr(arch, k), getattr(model.config, k)) for k in model_shape(arch)
+                  if getattr(arch, k) != getattr(model.config, k)}
+        if differ:
+            raise ValueError(", ".join(f"{k}: {theirs!r} in the checkpoint, {ours!r} here" for k, (theirs, ours)
+                                       in differ.items()))
+        load_full_state_dict(model, full)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from={folder}: {e}") from None
 
 
 def client_state(loader: EpochLoader, state: TrainState, cfg: TrainConfig, cfg_hash: str) -> dict:
@@ -228,7 +268,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
     try:
         start = checkpoint.resume_point(cfg.resume, run_dir / "checkpoints")
         universal = saved_layout(cfg, model_cfg, start)
-        engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal)
+        engine, info = build_engine(cfg, model_cfg, shapes, device, load_universal=universal,
+                                    init_from=None if start else cfg.model.init_from)
         loader = EpochLoader(data.train, data.streams, micro_batch_size=cfg.trainer.micro_batch_size, global_batch_size=shapes.global_batch,
                              dp_rank=parallel.dp_rank(), dp_size=parallel.dp_size(), seed=cfg.data.seed,
                              pad_id=data.manifest.get("pad_id", 1), prefetch=cfg.data.prefetch)
@@ -246,7 +287,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                       world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),
                       zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
                       seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
-                      train_samples=shapes.num_samples, device=str(device), resumed=bool(start), mfu_peak=peak_source,
+                      train_samples=shapes.num_samples, device=str(device), resumed=bool(start),
+                      init_from=None if start else cfg.model.init_from, mfu_peak=peak_source,
                       drills=drills.active)
         schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
         validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,
