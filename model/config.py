@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # a label the loss skips (padding); torch's cross_entropy default
-ACTIVATIONS = ("gelu", "relu")  # the FFN's; HF OPT's "gelu" is the exact (erf) GELU, as F.gelu's default
+# The FFN's, by their torch.nn.functional names; HF OPT's "gelu" is the exact (erf) GELU, as F.gelu's default
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass
@@ -25,7 +26,8 @@ class GalacticaConfig:
     - `layer_norm_affine`: LayerNorm weights (`layer_norm_elementwise_affine`; the released 30B has
       none: no LayerNorm parameters at all, galai issue #37);
     - `layer_norm_bias`: LayerNorm biases; None means `bias and layer_norm_affine`. HF's LayerNorms
-      carry a bias whenever they are affine, so an OPT with `enable_bias=false` has them;
+      carry a bias whenever they are affine, so an OPT with `enable_bias=false` has them; import keeps
+      them unless all are zero (our own exports; also a never-trained HF model, which then loses them);
     - `activation`: "gelu" (Galactica, the exact erf form, as HF's "gelu") or "relu" (OPT).
     Tensor-parallel size is not a model property: it comes from `model.parallel`.
     """

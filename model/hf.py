@@ -34,6 +34,8 @@ from model.transformer import GalacticaLM, tp_partition
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 HF_LAYER_NORM_EPS = 1e-5  # OPT's nn.LayerNorm uses the default eps
+# transformers' OPTConfig defaults, for config.json files that predate a field (the released 6.7B: biases)
+OPT_DEFAULTS = {"enable_bias": True, "layer_norm_elementwise_affine": True, "activation_function": "relu"}
 
 
 def _is_extra(key: str) -> bool:
@@ -252,11 +254,18 @@ def config_from_hf(hf: dict, tensors: dict[str, torch.Tensor] | None = None,
                    source: str = "config.json") -> GalacticaConfig:
     """The GalacticaConfig of an HF OPT config.json (and its tensors, to tell whether an affine
     LayerNorm's biases are all zero), refusing what the model cannot represent by the field."""
+    if hf.get("model_type") != "opt":
+        raise ValueError(f"{source}: model_type={hf.get('model_type')!r}: only OPT checkpoints (OPTForCausalLM: "
+                         "Galactica, OPT) can be loaded")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size",
+                           "max_position_embeddings") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: lacks {', '.join(missing)}")
     required = {"do_layer_norm_before": True, "_remove_final_layer_norm": False, "tie_word_embeddings": True}
     for key, want in required.items():
         if hf.get(key, want) != want:
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (GalacticaLM needs {want!r})")
-    activation = hf.get("activation_function", "relu")  # OPTConfig's default
+    activation = hf.get("activation_function", OPT_DEFAULTS["activation_function"])
     if activation not in ACTIVATIONS:
         raise ValueError(f"{source}: activation_function={activation!r} is not supported (one of {list(ACTIVATIONS)})")
     d = hf["hidden_size"]
@@ -265,8 +274,8 @@ def config_from_hf(hf: dict, tensors: dict[str, torch.Tensor] | None = None,
                          "(project_in/project_out layers are not supported)")
     if hf["ffn_dim"] % d:
         raise ValueError(f"{source}: ffn_dim={hf['ffn_dim']} is not a multiple of hidden_size={d}")
-    bias = hf.get("enable_bias", True)  # OPTConfig's defaults: configs older than the field have both
-    affine = hf.get("layer_norm_elementwise_affine", True)
+    bias = hf.get("enable_bias", OPT_DEFAULTS["enable_bias"])
+    affine = hf.get("layer_norm_elementwise_affine", OPT_DEFAULTS["layer_norm_elementwise_affine"])
     ln_biases = [v for k, v in (tensors or {}).items() if "layer_norm.bias" in k]
     return GalacticaConfig(
         n_layers=hf["num_hidden_layers"], d_model=d, n_heads=hf["num_attention_heads"],
@@ -294,7 +303,8 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], config: GalacticaConfig) 
         if name in hf_sd:
             used.add(name)
             if torch.count_nonzero(hf_sd[name]):
-                raise ValueError(f"HF checkpoint has a non-zero {name}, which this GalacticaLM ({config}) would drop")
+                raise ValueError(f"HF checkpoint has a non-zero {name}, which config.json says is absent (enable_bias="
+                                 f"{config.bias}, layer_norm_elementwise_affine={config.layer_norm_affine})")
 
     pos = take("model.decoder.embed_positions.weight")
     if pos.shape[0] != config.max_positions + POSITION_OFFSET:
@@ -349,7 +359,8 @@ def read_hf_config(path: str | Path) -> GalacticaConfig:
         raise FileNotFoundError(f"{path}: no config.json (an OPTForCausalLM folder has config.json and weights)")
     hf = json.loads((path / "config.json").read_text())
     tensors = {}
-    if hf.get("layer_norm_elementwise_affine", True) and not hf.get("enable_bias", True):
+    if (hf.get("layer_norm_elementwise_affine", OPT_DEFAULTS["layer_norm_elementwise_affine"])
+            and not hf.get("enable_bias", OPT_DEFAULTS["enable_bias"])):
         tensors = _causal_lm_names(read_hf_state_dict(path, "layer_norm.bias"))
     return config_from_hf(hf, tensors, source=str(path / "config.json"))
 

@@ -90,7 +90,7 @@ class MLP(nn.Module):
             cfg.d_ffn, cfg.d_model, config=mp, init_method=_normal_init(cfg.output_init_std),
             bias=cfg.bias, input_is_parallel=True, skip_bias_add=False)
 
-        self.act = F.relu if cfg.activation == "relu" else F.gelu
+        self.act = getattr(F, cfg.activation)  # config.ACTIVATIONS: torch.nn.functional's names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc_in(x)

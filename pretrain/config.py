@@ -240,24 +240,29 @@ def typed(cfg: DictConfig) -> TrainConfig:
     return out
 
 
-def adopt_init_from(model: ModelConf) -> None:
-    """``model.init_from``: the model section takes the checkpoint's shape and architecture (its
-    config.json), so that the run's config.yaml, its checkpoints' shape check and gal-export all see
-    the model that trains. gal-train does this first (the folder must be there, resume included)."""
-    from model.hf import read_hf_config  # torch and megatron: only when asked for
-
+def adopt_init_from(model: ModelConf, saved: dict | None = None) -> None:
+    """``model.init_from``: the model section takes the checkpoint's shape and architecture, so that the
+    run's config.yaml, its checkpoints' shape check and gal-export all see the model that trains. They come
+    from ``saved`` (the ``model_shape`` of the run's own checkpoint to resume: the folder may be gone by
+    then) when it has them all, else from the folder's config.json."""
     folder = model.init_from
     if not folder:
         return
-    try:
-        arch = read_hf_config(folder)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.init_from={folder}: {e}") from None
-    if model.vocab_size is not None and model.vocab_size != arch.vocab_size:
+    keys = (*SHAPE_KEYS, *ARCHITECTURE_KEYS)
+    if saved is not None and all(k in saved for k in keys):
+        arch = {k: saved[k] for k in keys}
+    else:
+        from model.hf import read_hf_config  # torch and megatron: only when asked for
+
+        try:
+            arch = model_shape(read_hf_config(folder))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.init_from={folder}: {e}") from None
+    if model.vocab_size is not None and model.vocab_size != arch["vocab_size"]:
         raise ConfigError(f"model.vocab_size={model.vocab_size}, but model.init_from={folder} has a vocabulary of "
-                          f"{arch.vocab_size}: leave model.vocab_size unset")
-    for key in (*SHAPE_KEYS, *ARCHITECTURE_KEYS):
-        setattr(model, key, getattr(arch, key))
+                          f"{arch['vocab_size']}: leave model.vocab_size unset")
+    for key in keys:
+        setattr(model, key, arch[key])
     model.size = f"hf:{Path(folder).name}"
 
 
@@ -342,6 +347,7 @@ HASHED_KEYS = ("model.dropout", "model.attention_dropout", "optim", "data.seed",
 
 
 def model_shape(model_cfg: GalacticaConfig) -> dict[str, int | bool | str]:
+    """What a checkpoint's weights need of the model: its shape and architecture (saved in each layout file)."""
     return {k: getattr(model_cfg, k) for k in (*SHAPE_KEYS, *ARCHITECTURE_KEYS)}
 
 

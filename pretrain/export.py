@@ -127,26 +127,34 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
         raise ConfigError(f"{tag_dir}: token embedding of shape {tuple(full['wte.weight'].shape)}, but "
                           f"{run_dir / 'config.yaml'} (model.size={cfg.model.size}) gives {want}")
 
+    tok_file, tok = run_tokenizer(tokenizer, data_path, manifest, model_cfg.vocab_size)  # before anything is written
     with console.status(f"writing the Hugging Face OPT folder to {out_dir} ..."):
         write_hf(full, model_cfg, out_dir)
     console.print(f"model: {sum(t.numel() for t in full.values()):,} parameters, {model_cfg.n_layers} layers, "
                   f"d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size:,} → {out_dir}")
 
-    tok_file = Path(tokenizer) if tokenizer else data_path / (manifest or {}).get("tokenizer", {}).get(
-        "model", "tokenizer/tokenizer.model")
-    if tok_file.exists():
-        from pretrain.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tok_file)  # ours (tokenizer.model) or a released one (tokenizer.json)
-        if tok.vocab_size > model_cfg.vocab_size:
-            raise ConfigError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, more than the model's "
-                              f"{model_cfg.vocab_size}")
+    if tok is not None:
         tok.export_hf(out_dir)
         console.print(f"tokenizer: {tok_file} ({tok.vocab_size:,} tokens) → {out_dir}")
     else:
         console.print(f"[yellow]warning:[/] no tokenizer at {tok_file}: {out_dir} has the model only "
                       "(pass --tokenizer PATH to add one)")
     return out_dir
+
+
+def run_tokenizer(tokenizer: str | Path | None, data_path: Path, manifest: dict | None, vocab_size: int):
+    """(path, tokenizer) of ``--tokenizer`` or of the file the shards' manifest names; the tokenizer is None
+    when there is no such file. Ours (tokenizer.model) or a released one (tokenizer.json)."""
+    from pretrain.tokenizer import load_tokenizer
+
+    path = Path(tokenizer) if tokenizer else data_path / (manifest or {}).get("tokenizer", {}).get(
+        "model", "tokenizer/tokenizer.model")
+    if not path.exists():
+        return path, None
+    tok = load_tokenizer(path)
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the model's {vocab_size}")
+    return path, tok
 
 
 def main(argv: list[str] | None = None) -> None:

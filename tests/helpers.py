@@ -225,6 +225,18 @@ OPT_VARIANTS = {
 }
 
 
+def galai_escape(text: str) -> str:
+    """galai's escaping, transcribed from paperswithcode/galai galai/utils.py (`escape_custom_split_sequence`):
+    the split marker before every character of a SMILES / amino / DNA span and before its end marker. The
+    reference for pretrain.tokenizer.escape_spans (the code under test)."""
+    from pretrain.tokenizer import SPLIT_MARKER
+
+    def insert(m: re.Match) -> str:
+        start, _, sequence, end = m.groups()
+        return start + re.sub(r"(.)", rf"{SPLIT_MARKER}\1", sequence, flags=re.DOTALL) + SPLIT_MARKER + end
+    return re.sub(r"(\[START_(DNA|SMILES|I_SMILES|AMINO)])(.*?)(\[END_\2])", insert, text)
+
+
 def tiny_opt(path: Path, variant: str, vocab_size: int = 96, max_positions: int = 64, seed: int = 0):
     """A tiny ``OPTForCausalLM`` of ``variant`` saved with transformers at ``path``; every parameter drawn at
     random (LayerNorm weights around 1), so that a lost or misplaced bias or scale shows in the logits.
@@ -241,6 +253,7 @@ def tiny_opt(path: Path, variant: str, vocab_size: int = 96, max_positions: int 
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "layer_norm.weight" in name else 0.0))
+        model.model.decoder.embed_positions.weight[:2] = 0  # OPT's offset rows: no real token reads them
     model.save_pretrained(path)
     return model.eval()
 

@@ -78,10 +78,12 @@ def test_continue_from_a_galactica_30b_like_checkpoint_resume_and_export(galacti
     for line in ("bias: false", "layer_norm_affine: false", "activation: gelu", "d_model: 32", "size: hf:no_bias_no_affine"):
         assert line in saved, line
 
-    # a resume loads the run's checkpoint, not the folder: the same losses, bit for bit
-    resumed = tmp_path / "resumed"
-    train(1, resumed, shards, f"model.init_from={folder}", "trainer.max_tokens=256", *ARGS)
-    train(1, resumed, shards, f"model.init_from={folder}", "trainer.max_tokens=512", *ARGS)
+    # a resume loads the run's checkpoint, not the folder (gone from scratch space by then): the same losses
+    resumed, downloaded = tmp_path / "resumed", tmp_path / "downloaded"
+    shutil.copytree(folder, downloaded)
+    train(1, resumed, shards, f"model.init_from={downloaded}", "trainer.max_tokens=256", *ARGS)
+    shutil.rmtree(downloaded)
+    train(1, resumed, shards, f"model.init_from={downloaded}", "trainer.max_tokens=512", *ARGS)
     assert [r["loss"] for r in steps(resumed)] == [r["loss"] for r in rows]
     assert events(resumed, "start")[-1]["init_from"] is None and events(resumed, "start")[-1]["resumed"] is True
 
@@ -98,6 +100,15 @@ def test_continue_from_a_galactica_30b_like_checkpoint_resume_and_export(galacti
     again = OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (again(ids).logits - torch.load(tmp_path / "engine.pt")).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["bias_affine", "bias_no_affine", "no_bias_affine"])
+def test_the_first_step_of_every_other_variant_is_transformers_loss(variant, shards, tmp_path):
+    folder = tmp_path / variant  # (no_bias_no_affine and opt_relu: the tests around this one)
+    hf = tiny_opt(folder, variant, vocab_size=VOCAB)
+    run = tmp_path / "run"
+    train(1, run, shards, f"model.init_from={folder}", "trainer.max_tokens=128", *ARGS)
+    assert steps(run)[0]["loss"] == pytest.approx(hf_loss(hf, shards, run, 1), abs=1e-5)
 
 
 LAYOUTS = {"zero3_dp2": ["deepspeed=zero3"], "tp2_zero1": ["deepspeed=zero1", "trainer.tensor_parallel=2"]}
@@ -124,7 +135,11 @@ def test_a_checkpoint_the_model_cannot_represent_is_refused_by_its_field(galacti
     write_tokenizer(other_tokenizer / "tokenizer.json", swap=True)
     small = tmp_path / "small_vocab"
     tiny_opt(small, "no_bias_no_affine", vocab_size=128)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     cases = {  # overrides → what the one error line says
+        f"model.init_from={llama}": f"model.init_from={llama}: {llama / 'config.json'}: model_type='llama': only OPT",
         f"model.init_from={tmp_path / 'nowhere'}": f"model.init_from={tmp_path / 'nowhere'}: ",
         f"model.init_from={post_ln}": f"model.init_from={post_ln}: {post_ln / 'config.json'}: do_layer_norm_before="
                                       "False is not supported",

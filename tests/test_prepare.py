@@ -99,6 +99,10 @@ def test_paper_citations_are_wrapped_on_real_abstracts(shared_corpus):
     # markup already in the input is kept, not wrapped twice
     assert r.render("arxiv", {"text": "[START_REF]Smith et al. 2019[END_REF] and Jones et al. 2020"}) == \
         "[START_REF]Smith et al. 2019[END_REF] and [START_REF]Jones et al. 2020[END_REF]"
+    # a pasted sequence of 400k capitals: nothing to wrap, found in linear time (a match starting at every
+    # capital inside the word took time quadratic in its length: about an hour for this one)
+    dna = "ACGT" * 100_000 + " et al. and more"
+    assert r.render("arxiv", {"text": dna}) == dna
 
 
 def test_clean_keeps_superscripts_and_subscripts_distinct():

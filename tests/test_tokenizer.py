@@ -14,6 +14,7 @@ import numpy
 import pytest
 import sentencepiece as spm
 
+from helpers import galai_escape
 from pretrain.tokenizer import (GALACTICA_TOKENS, SPECIAL_TOKENS, GalacticaTokenizer, HFTokenizer, escape_spans,
                                 load_tokenizer)
 from pretrain.tokenizer.escape import SPLIT_MARKER
@@ -279,18 +280,6 @@ def test_hf_export_gives_the_same_ids_on_escaped_spans(corpus_tok, corpus_sample
     spec.loader.exec_module(module)
     assert [module.escape_spans(t) for t in texts] == escaped
     assert escape_spans(corpus_sample["arxiv"][0]) == corpus_sample["arxiv"][0]
-
-
-# galai's escaping, transcribed from paperswithcode/galai galai/utils.py (`escape_custom_split_sequence`)
-GALAI_SEQ_RE = re.compile(r"(\[START_(DNA|SMILES|I_SMILES|AMINO)])(.*?)(\[END_\2])")
-
-
-def galai_escape(text: str) -> str:
-    def insert(m: re.Match) -> str:
-        start, _, sequence, end = m.groups()
-        sequence = re.sub(r"(.)", rf"{SPLIT_MARKER}\1", sequence, flags=re.DOTALL)
-        return f"{start}{sequence}{SPLIT_MARKER}{end}"
-    return GALAI_SEQ_RE.sub(insert, text)
 
 
 def test_escape_spans_is_galais_escaping(corpus_sample):

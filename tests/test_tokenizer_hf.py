@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from helpers import events, make_cfg, run_cli, steps, subset, tiny_opt, train
+from helpers import events, galai_escape, make_cfg, run_cli, steps, subset, tiny_opt, train
 from pretrain.data.config import ConfigError
 from pretrain.data.markup import Renderer
 from pretrain.data.pipeline import prepare
@@ -26,15 +26,6 @@ from pretrain.tokenizer.tokenizer import MATH_SPLIT_RE
 
 # ~1,000 real documents of ../shared/corpus, with sequences of every kind
 CORPUS_LINES = {"arxiv": 600, "molecules": 320, "proteins": 60, "dna": 20}
-
-
-def galai_escape(text: str) -> str:
-    """galai's escaping, transcribed from paperswithcode/galai galai/utils.py (`escape_custom_split_sequence`):
-    the reference the shards are checked against (pretrain.tokenizer.escape_spans is the code under test)."""
-    def insert(m: re.Match) -> str:
-        start, _, sequence, end = m.groups()
-        return start + re.sub(r"(.)", rf"{SPLIT_MARKER}\1", sequence, flags=re.DOTALL) + SPLIT_MARKER + end
-    return re.sub(r"(\[START_(DNA|SMILES|I_SMILES|AMINO)])(.*?)(\[END_\2])", insert, text)
 
 
 def galactica_like(texts: list[str], vocab_size: int, specials: list[str] = SPECIAL_TOKENS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from launch.env import DistEnv, check_topology
 from model import parallel
@@ -23,7 +25,7 @@ from model.config import GalacticaConfig
 from model.hf import load_full_state_dict, read_hf
 from model.transformer import GalacticaLM
 from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, adopt_init_from, config_hash, global_batch_samples,
-                             model_config, model_shape, validate)
+                             model_config, validate)
 from pretrain.data.loader import EpochLoader, Stream, plan_streams, samples_per_epoch
 from pretrain.data.shards import TrainSplit, data_identity, read_manifest
 from pretrain.evaluation.validation import ValidationSchedule, Validator
@@ -71,12 +73,13 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
     world_size = env.world_size
     check_topology(world_size, cfg.trainer.tensor_parallel, env.local_world_size,
                    gpus=pick_device(cfg, env).type == "cuda")
-    adopt_init_from(cfg.model)
+    resuming = resumable_shape(cfg)
+    adopt_init_from(cfg.model, resuming)
     path = Path(cfg.data.path)
     manifest = read_manifest(path)
     model_cfg = model_config(cfg, manifest)
-    if cfg.model.init_from:
-        check_vocabulary(Path(cfg.model.init_from), path, manifest)
+    if cfg.model.init_from and resuming is None:
+        check_vocabulary(Path(cfg.model.init_from), path, manifest, warn=env.rank == 0)
     train = TrainSplit(path, vocab_size=model_cfg.vocab_size)  # ids at or above it are named, shard and sample
     r = cfg.data.repeat
     streams = plan_streams({name: train.ids(name) for name in train.sources}, mixture=cfg.data.mixture,
@@ -94,15 +97,31 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
     return Data(path, manifest, train, streams), model_cfg, shapes
 
 
-def check_vocabulary(folder: Path, data_path: Path, manifest: dict) -> None:
+def resumable_shape(cfg: TrainConfig) -> dict | None:
+    """The model shape saved with the checkpoint ``resume=auto`` will load (None: a fresh start, or an
+    explicit resume path, whose checkpoint is checked later by :func:`saved_layout`)."""
+    if cfg.resume != "auto":
+        return None
+    ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+    tag, _ = checkpoint.find_latest(ckpt_dir)
+    return checkpoint.read_layout(ckpt_dir, tag).get("model_shape", {}) if tag else None
+
+
+def check_vocabulary(folder: Path, data_path: Path, manifest: dict, warn: bool) -> None:
     """``model.init_from``: the shards must be tokenized with the checkpoint's tokenizer. When both have a
-    tokenizer.json (the shards' is manifest["tokenizer"]["hf"]), their token → id tables must be equal;
-    otherwise only the sizes are checked (model_config)."""
+    tokenizer.json (the shards' is manifest["tokenizer"]["hf"]), the files are equal or their token → id
+    tables are; without the checkpoint's tokenizer.json only the sizes are checked (model_config), with a
+    warning."""
     from tokenizers import Tokenizer
 
     theirs = folder / "tokenizer.json"
     ours = data_path / manifest.get("tokenizer", {}).get("hf", "tokenizer/hf") / "tokenizer.json"
-    if not (theirs.is_file() and ours.is_file()):
+    if not theirs.is_file():
+        if warn:
+            print(f"warning: {folder} has no tokenizer.json: the shards' tokenizer cannot be checked against it, "
+                  "only the vocabulary size", file=sys.stderr)
+        return
+    if not ours.is_file() or ours.read_bytes() == theirs.read_bytes():
         return
     a, b = (Tokenizer.from_file(str(p)).get_vocab(with_added_tokens=True) for p in (theirs, ours))
     if a != b:
@@ -165,16 +184,11 @@ def build_engine(cfg: TrainConfig, model_cfg: GalacticaConfig, shapes: Shapes, d
 
 
 def load_hf_weights(model: GalacticaLM, folder: str) -> None:
-    """``model.init_from``: the folder's weights into the model, which must be the folder's architecture."""
+    """``model.init_from``: the folder's weights into the model (built from the same folder's config.json
+    by :func:`pretrain.config.adopt_init_from`)."""
     try:
-        arch, full = read_hf(folder)
-        differ = {k: (getattr(arch, k), getattr(model.config, k)) for k in model_shape(arch)
-                  if getattr(arch, k) != getattr(model.config, k)}
-        if differ:
-            raise ValueError(", ".join(f"{k}: {theirs!r} in the checkpoint, {ours!r} here" for k, (theirs, ours)
-                                       in differ.items()))
-        load_full_state_dict(model, full)
-    except (OSError, ValueError) as e:
+        load_full_state_dict(model, read_hf(folder)[1])
+    except (OSError, ValueError, pickle.UnpicklingError, SafetensorError) as e:
         raise ConfigError(f"model.init_from={folder}: {e}") from None
 
 
