@@ -1,6 +1,7 @@
 # Two commands: `make train` and `make test` (`make test-fast`: the unit tier only, no trainer, torchrun or
 # Slurm; under 3 min on 2 cores). All create .venv on first use.
-PYTHON ?= python3.11
+# Python 3.11 or newer (checked before the venv is made)
+PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -9,11 +10,16 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch is pinned to the CPU build first: an unpinned torch pulls a multi-GB CUDA build.
+# torch first, as a CPU build: PyPI's Linux torch is the CUDA one, several GB of NVIDIA wheels. Where only
+# PyPI is seen, take the CPU wheel from PyTorch's index: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (on the project's CI machines a local wheel makes torch==2.13.0 the CPU build).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else f"$(PYTHON) is Python {sys.version.split()[0]}: galactica-pretrain needs 3.11 or newer (make PYTHON=python3.12 ...)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

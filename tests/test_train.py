@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import REPO, events, steps, synthetic_shards, train, train_command, train_env, wandb_records
@@ -137,6 +138,23 @@ def test_a_mixture_with_a_repeated_subset_resumes_bit_for_bit_and_on_one_rank_co
     rows = [json.loads(x) for x in (moved / "sample_ids.jsonl").read_text().splitlines()]
     assert [sorted(r["ids"]) for r in rows] == planned_ids(two_sources, 12)
     assert [s["world_size"] for s in events(moved, "start")] == [2, 1]
+
+
+def test_throughput_counts_the_training_steps_alone(shards, tmp_path):
+    run = tmp_path / "run"  # a validation round about as long as a step, and a checkpoint, every 4 steps
+    train(1, run, shards, "trainer.max_tokens=5120", "validation.interval_tokens=512", "validation.max_cost=1",
+          "validation.seen_samples=40", "validation.after_boundary_points=0", "checkpoint.interval_tokens=512",
+          "logger.wandb=false")
+    rows = {r["step"]: r for r in steps(run)}
+    after = {s + 1 for s in {v["step"] for v in events(run, "validation")}} & set(rows)
+    # each step after a round against its two neighbours (not after a round themselves), as a ratio
+    ratios = [rows[s]["tokens_per_s"] / np.mean([rows[s - 1]["tokens_per_s"], rows[s + 1]["tokens_per_s"]])
+              for s in sorted(after) if s - 1 in rows and s + 1 in rows and not {s - 1, s + 1} & after]
+    assert len(ratios) >= 5
+    assert float(np.median(ratios)) == pytest.approx(1.0, abs=0.15)
+    assert all(rows[s]["time/validation_s"] > 0 for s in after)
+    assert all("time/validation_s" not in r for s, r in rows.items() if s not in after)
+    assert all(c["seconds"] > 0 for c in events(run, "checkpoint"))
 
 
 def test_sigusr1_checkpoints_and_exits_with_the_preemption_code(shards, tmp_path):

@@ -33,13 +33,13 @@ def fit(run: Run) -> int:
         validation_round(run, "start")
     exit_code = EXIT_DONE
     while state.step < shapes.total_steps:
-        batches = run.loader.next_global_batch()
+        with run.timer.step(shapes.tokens_per_step):
+            batches = run.loader.next_global_batch()
+            result = train_step(run.engine, batches, run.device, step=state.step + 1, guard=run.guard,
+                                preemption=run.preemption, drills=run.drills)
         if run.sample_log:
             run.sample_log.write(state.step + 1, batches)
-        result = train_step(run.engine, batches, run.device, step=state.step + 1, guard=run.guard,
-                            preemption=run.preemption, drills=run.drills)
         before, state.step, state.tokens_seen = state.tokens_seen, state.step + 1, state.tokens_seen + shapes.tokens_per_step
-        run.timer.add(shapes.tokens_per_step)
 
         if state.step % t.log_interval_steps == 0 or result.skipped or state.step == shapes.total_steps:
             log_step(run, result, batches)
@@ -72,12 +72,11 @@ def fit(run: Run) -> int:
 def log_step(run: Run, result: StepResult, batches) -> None:
     """A metrics row (metrics.jsonl, wandb) and the progress line."""
     state, loader = run.state, run.loader
-    tps, mfu = run.timer.read()
     row = {"step": state.step, "tokens_seen": state.tokens_seen, "epoch": loader.epoch,
            "unique_tokens_seen": loader.unique_samples_seen() * run.shapes.seq_len,
            "repeat": float(sum(b.epochs.mean() for b in batches) / len(batches)), **loader.accounting(run.shapes.seq_len),
            "loss": result.loss, "lr": result.lr, "grad_norm": _grad_norm(run.engine),
-           "tokens_per_s": tps, "mfu": mfu, "skipped_steps": state.skipped_steps}
+           **run.timer.read(), "skipped_steps": state.skipped_steps}
     if result.skipped:
         row["skipped"] = result.skipped
     run.metrics.log(row)
@@ -88,7 +87,8 @@ def validation_round(run: Run, reason: str) -> None:
     """Evaluate, record, and (main rank) update the online double-descent verdict."""
     state, loader = run.state, run.loader
     start = time.perf_counter()
-    result = run.validator.run(run.engine, run.device)
+    with run.timer.other("validation"):
+        result = run.validator.run(run.engine, run.device)
     run.metrics.validation(step=state.step, tokens_seen=state.tokens_seen, epoch=loader.epoch,
                            repeat=math.floor(loader.epoch), reason=reason, seconds=time.perf_counter() - start,
                            **result)
@@ -99,11 +99,14 @@ def validation_round(run: Run, reason: str) -> None:
 
 
 def save_checkpoint(run: Run) -> None:
-    tag = checkpoint.save(run.engine, run.ckpt_dir, run.state.step,
-                          client_state(run.loader, run.state, run.cfg, run.config_hash), run.cfg.checkpoint.keep_last,
-                          model_shape=model_shape(run.model_cfg), lineage=run.lineage,
-                          before_commit=run.drills.before_commit)
-    run.metrics.event("checkpoint", step=run.state.step, tokens_seen=run.state.tokens_seen, tag=tag)
+    start = time.perf_counter()
+    with run.timer.other("checkpoint"):
+        tag = checkpoint.save(run.engine, run.ckpt_dir, run.state.step,
+                              client_state(run.loader, run.state, run.cfg, run.config_hash), run.cfg.checkpoint.keep_last,
+                              model_shape=model_shape(run.model_cfg), lineage=run.lineage,
+                              before_commit=run.drills.before_commit)
+    run.metrics.event("checkpoint", step=run.state.step, tokens_seen=run.state.tokens_seen, tag=tag,
+                      seconds=round(time.perf_counter() - start, 3))
 
 
 def close(run: Run) -> None:

@@ -75,7 +75,8 @@ def check(cfg: TrainConfig, env: DistEnv) -> tuple[Data, GalacticaConfig, Shapes
                    gpus=pick_device(cfg, env).type == "cuda")
     resuming = resumable_shape(cfg)
     adopt_init_from(cfg.model, resuming)
-    path = Path(cfg.data.path)
+    path = Path(cfg.data.path).resolve()
+    cfg.data.path = str(path)  # absolute in the run's config.yaml: gal-export and gal-eval run from anywhere
     manifest = read_manifest(path)
     model_cfg = model_config(cfg, manifest)
     if cfg.model.init_from and resuming is None:

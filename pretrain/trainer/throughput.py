@@ -7,6 +7,7 @@ CPU, which has no single datasheet number, the peak is the fp32 matmul rate meas
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -36,22 +37,39 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
 
 
 class StepTimer:
-    """Tokens per second and model FLOPs utilisation over the steps since the last read."""
+    """Tokens per second and MFU of the training steps alone (the batch's loading, forward, backward and
+    optimizer step), over the steps since the last read; the time spent in validation and checkpoints is
+    kept apart (``time/validation_s``, ``time/checkpoint_s``), so a step after a validation round reads
+    like its neighbours.
+
+        with timer.step(tokens): ...train...     with timer.other("validation"): ...validate...
+    """
 
     def __init__(self, flops_per_token: float, peak_flops: float | None, devices: int):
         """``peak_flops`` of one device (GPU, or one process's share of the CPU; None: unknown);
         ``devices`` of them."""
         self.flops_per_token, self.peak_flops, self.devices = flops_per_token, peak_flops, devices
-        self.t0, self.tokens = time.perf_counter(), 0
+        self.seconds, self.tokens = 0.0, 0
+        self.others: dict[str, float] = {}
 
-    def add(self, tokens: int) -> None:
+    @contextlib.contextmanager
+    def step(self, tokens: int):
+        t = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - t
         self.tokens += tokens
 
-    def read(self) -> tuple[float, float | None]:
-        now = time.perf_counter()
-        tps = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
-        if self.peak_flops is None:
-            return tps, None
-        return tps, tps * self.flops_per_token / (self.peak_flops * self.devices)
+    @contextlib.contextmanager
+    def other(self, what: str):
+        t = time.perf_counter()
+        yield
+        self.others[what] = self.others.get(what, 0.0) + time.perf_counter() - t
 
+    def read(self) -> dict[str, float | None]:
+        """``tokens_per_s``, ``mfu`` and ``time/<what>_s`` since the last read; then starts over."""
+        tps = self.tokens / max(self.seconds, 1e-9)
+        mfu = None if self.peak_flops is None else tps * self.flops_per_token / (self.peak_flops * self.devices)
+        out = {"tokens_per_s": tps, "mfu": mfu, "time/step_s": self.seconds,
+               **{f"time/{what}_s": s for what, s in self.others.items()}}
+        self.seconds, self.tokens, self.others = 0.0, 0, {}
+        return out
