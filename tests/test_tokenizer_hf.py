@@ -80,18 +80,8 @@ def hf_folder(shared_corpus, tmp_path_factory):
 
 
 def shard_documents(out, name: str) -> list[tuple[str, list[int]]]:
-    """The documents of a split directory, in order, each (id, its tokens): samples concatenated, padding cut."""
-    reader = ShardReader(out / name)
-    docs: list[tuple[str, list[int]]] = []
-    for i in range(len(reader)):
-        tokens, meta = reader[i].tolist(), reader.meta(i)
-        ends = meta["doc_starts"][1:] + [len(tokens) - meta["pad_tokens"]]
-        for doc_id, start, end in zip(meta["doc_ids"], meta["doc_starts"], ends):
-            if start == 0 and docs and docs[-1][0] == doc_id:  # continued from the previous sample
-                docs[-1][1].extend(tokens[start:end])
-            else:
-                docs.append((doc_id, tokens[start:end]))
-    return docs
+    """The documents of a split directory, in order, each (id, its tokens)."""
+    return [(doc_id, tokens.tolist()) for doc_id, tokens in ShardReader(out / name).documents()]
 
 
 @pytest.fixture(scope="module")

@@ -241,6 +241,22 @@ class ShardReader:
         row = self._row(i)
         return json.loads(os.pread(self._fd(int(row["shard"])), int(row["meta_size"]), int(row["meta_offset"])))
 
+    def documents(self) -> Iterator[tuple[str, np.ndarray]]:
+        """The documents in order, each (id, its tokens, ending in the eos the packer put after it): the
+        samples' pieces joined (a document continues at the start of the next sample), padding cut."""
+        doc_id, parts = None, []
+        for i in range(len(self)):
+            tokens, meta = self[i], self.meta(i)
+            ends = meta["doc_starts"][1:] + [len(tokens) - meta["pad_tokens"]]
+            for piece_id, start, end in zip(meta["doc_ids"], meta["doc_starts"], ends):
+                if not (start == 0 and piece_id == doc_id):  # not the rest of the previous sample's last one
+                    if parts:
+                        yield doc_id, np.concatenate(parts)
+                    doc_id, parts = piece_id, []
+                parts.append(tokens[start:end])
+        if parts:
+            yield doc_id, np.concatenate(parts)
+
     def webdataset(self) -> Iterator[dict[str, Any]]:
         """The samples in order through webdataset's streaming reader: {"__key__", "tokens.npy", "meta.json"}."""
         return iter(webdataset.WebDataset(self.paths, shardshuffle=False, empty_check=False).decode())
