@@ -20,6 +20,7 @@ full (TP-merged) state dicts, e.g. after DeepSpeed's zero_to_fp32 consolidation.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -188,14 +189,27 @@ def to_hf_state_dict(full: dict[str, torch.Tensor], config: GalacticaConfig) -> 
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def with_umask_mode(*paths: str | Path) -> None:
+    """Give files the mode a plain ``open()`` creates them with: 0666 less the user's umask (0644 under the
+    usual 022). safetensors' ``save_file`` creates its file 0600 whatever the umask, and a file rewritten
+    in place keeps its old mode, so an export on a shared cluster would be unreadable to colleagues.
+    (``os.umask`` can only be read by setting it: it is set back at once.)"""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def write_hf(full: dict[str, torch.Tensor], config: GalacticaConfig, out_dir: str | Path,
              max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write an `OPTForCausalLM` folder (config.json, safetensors, generation_config.json)."""
+    """Write an `OPTForCausalLM` folder (config.json, safetensors, generation_config.json), each file with
+    the user's umask (:func:`with_umask_mode`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_sd = to_hf_state_dict(full, config)
-    (out_dir / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps({
+    written = [out_dir / "config.json", out_dir / "generation_config.json"]
+    written[0].write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    written[1].write_text(json.dumps({
         "bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
         "eos_token_id": config.eos_token_id}, indent=2) + "\n")
     shards, current, size = [], {}, 0
@@ -208,16 +222,19 @@ def write_hf(full: dict[str, torch.Tensor], config: GalacticaConfig, out_dir: st
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return out_dir
-    weight_map = {}
-    for n, shard in enumerate(shards, start=1):
-        fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in hf_sd.values())
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        written.append(out_dir / "model.safetensors")
+        save_file(shards[0], str(written[-1]), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, start=1):
+            written.append(out_dir / f"model-{n:05d}-of-{len(shards):05d}.safetensors")
+            save_file(shard, str(written[-1]), metadata={"format": "pt"})
+            weight_map.update({k: written[-1].name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in hf_sd.values())
+        written.append(out_dir / "model.safetensors.index.json")
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        written[-1].write_text(json.dumps(index, indent=2) + "\n")
+    with_umask_mode(*written)
     return out_dir
 
 

@@ -7,12 +7,68 @@ shows the whole traceback instead. Anything else is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
 import sys
+import warnings
 from typing import Callable, NoReturn
 
+# The exit codes of the gal-* commands (gal-train's preemption code is launch.slurm.EXIT_PREEMPTED).
+EXIT_DONE = 0
 EXIT_USAGE = 2  # usage and config errors, as argparse does
+EXIT_LOSS_GUARD = 3  # gal-train: trainer.max_consecutive_skips bad steps in a row (the last state checkpointed)
+
+# Third-party noise that says nothing about the run: (warning category, message pattern).
+NOISE_WARNINGS = (
+    (UserWarning, r"Transformer Engine and Apex are not installed"),  # megatron-core without TE or apex
+    (FutureWarning, r"torch\.distributed\.\w+` is deprecated"),  # DeepSpeed ZeRO's collectives, every step
+    (DeprecationWarning, r"tp_group is None|torch\.jit\.script_method|cyclic import"),  # megatron-core internals
+)
+NOISE_LOGGER = "third_party"  # where that noise goes: the run's log file (train.log), never the console
+NOISE_LOGGERS = (NOISE_LOGGER, "compilers")  # setuptools' compiler probes: DeepSpeed checks its ops with gcc
+CHATTY_LOGGERS = ("megatron",)  # their INFO lines ("Detected Megatron Core", ...): file only; warnings shown
+
+
+def quiet_third_party() -> None:
+    """Known third-party start-up noise goes to the log file, not the console: the NOISE_WARNINGS, the gcc
+    probes of DeepSpeed's op checks, DeepSpeed's "Setting accelerator to CPU" guess (said instead with
+    DS_ACCELERATOR=cpu where there is no GPU) and what DeepSpeed prints while it builds its CPU ops
+    (:func:`third_party_output`). Call before importing torch's, DeepSpeed's or megatron's modules."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    log, shown = logging.getLogger(NOISE_LOGGER), warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if any(issubclass(category, c) and re.search(p, str(message)) for c, p in NOISE_WARNINGS):
+            log.info("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_for_the_console)
+
+
+def _for_the_console(record: logging.LogRecord) -> bool:
+    if record.name.startswith(NOISE_LOGGERS):
+        return False
+    return record.levelno >= logging.WARNING or not record.name.startswith(CHATTY_LOGGERS)
+
+
+@contextlib.contextmanager
+def third_party_output():
+    """What third-party code print()s inside the block goes to the log file, a line each."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        yield
+    for line in buffer.getvalue().splitlines():
+        logging.getLogger(NOISE_LOGGER).info(line)
 
 
 def fail(prog: str, message: str) -> NoReturn:

@@ -118,9 +118,16 @@ class TrainerConf:
 
 @dataclass
 class LoggerConf:
-    wandb: bool = True  # offline (files in the run dir) unless WANDB_API_KEY is set
+    wandb: bool = True  # false: no wandb at all (metrics.jsonl and the console only)
+    # auto: WANDB_MODE if set; else online with a key (WANDB_API_KEY, `wandb login`), else offline (files in the
+    # run dir, `wandb sync` later). online | offline | disabled choose; WANDB_MODE, when set, always wins.
+    # A failed online start falls back to offline with a warning (pretrain/trainer/metrics.py).
+    mode: str = "auto"
+    init_timeout_s: Optional[float] = None  # how long wandb.init may take; None: wandb's (WANDB_INIT_TIMEOUT, 90 s)
     project: str = "galactica-pretrain"
-    group: Optional[str] = None  # e.g. the sweep name
+    # None: in a multirun (-m), the sweep (its run_dir's name) and the point's swept values (optim.lr_max=0.001);
+    # a single run is named after its run_dir (launch/sweep.py)
+    group: Optional[str] = None
     name: Optional[str] = None
     console: bool = True  # the rich progress line
 
@@ -140,7 +147,7 @@ class ValidationConf:
     rounds_per_epoch: int = 16
     after_boundary_points: int = 4  # extra rounds right after each boundary, where epoch-wise effects show
     after_boundary_tokens: Optional[float] = None  # the span they fill; None: half an interval, or a tenth of an epoch
-    at_start: bool = False  # a round before the first step (a fresh model, or the checkpoint just loaded)
+    at_start: bool = True  # a round before the first step (a fresh model, or a loaded checkpoint whose step has none)
     # A round's cost, as a fraction of the training compute between rounds: it sizes the fixed evaluation
     # sets (equal shares, at least one sample each). None: every held-out sample, every round.
     max_cost: Optional[float] = 0.05
@@ -214,16 +221,20 @@ def validate(cfg: TrainConfig, *, seq_len: int, model_cfg: GalacticaConfig, worl
     if v.probes and max(v.probe_max_new_tokens, v.probe_smiles_max_new_tokens) >= model_cfg.max_positions:
         raise ConfigError(f"validation.probe_max_new_tokens / probe_smiles_max_new_tokens must be below the "
                           f"model's {model_cfg.max_positions} positions")
+    if cfg.logger.mode not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r} must be {', '.join(WANDB_MODES[:-1])} or {WANDB_MODES[-1]}")
     if cfg.resume not in ("auto", "none") and not cfg.resume:
         raise ConfigError("resume must be auto, none or a checkpoint directory")
 
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # logger.mode
 
 # Keys that must be > 0 (None, where allowed, means "not set": only at the end, every sample, ...)
 POSITIVE_KEYS = ("trainer.micro_batch_size", "trainer.global_batch_tokens", "trainer.max_tokens", "trainer.max_epochs",
                  "trainer.log_interval_steps", "trainer.max_consecutive_skips", "optim.lr_max",
                  "checkpoint.interval_tokens", "checkpoint.keep_last", "validation.interval_tokens",
                  "validation.after_boundary_tokens", "validation.micro_batch_size", "validation.max_cost",
-                 "validation.seen_samples", "validation.max_samples_per_source")
+                 "validation.seen_samples", "validation.max_samples_per_source", "logger.init_timeout_s")
 NON_NEGATIVE_KEYS = ("optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip", "validation.rounds_per_epoch",
                      "validation.after_boundary_points")
 

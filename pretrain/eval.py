@@ -33,7 +33,8 @@ def run(target: str | Path, tasks: list[str], data: str | None = None, out: str 
         tag_dir = export.find_checkpoint(target, tag)
         out_dir = Path(out) if out else target / "eval" / tag_dir.name
         hf_dir = export.export(target, out_dir / "hf", tag=tag_dir.name, overwrite=True)
-        data_path = Path(data) if data else Path(export.load_run_config(target).data.path)
+        data_path = Path(data) if data else export.find_data_path(export.load_run_config(target).data.path, target,
+                                                                  required=True)
     elif (target / "config.json").is_file():
         if data is None:
             raise ConfigError(f"{target} is a Hugging Face folder: give the shard set its tasks come from (--data)")

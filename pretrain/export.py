@@ -16,6 +16,10 @@ Any ZeRO stage and TP size, in one plain process (no torchrun, no GPU):
    names: our tokenizer.model, or a released tokenizer.json as it is) is exported next to it, so that
    ``AutoTokenizer.from_pretrained(OUT_DIR)`` and ``OPTForCausalLM.from_pretrained(OUT_DIR)`` (or
    lm-eval-harness ``--model hf --model_args pretrained=OUT_DIR``) work.
+
+A relative ``data.path`` (older runs) is found from any directory (:func:`find_data_path`). A missing
+tokenizer is an error unless ``--no-tokenizer``. Every file is written with the user's umask
+(``model.hf.with_umask_mode``: 0644 under umask 022), readable by colleagues on a shared cluster.
 """
 from __future__ import annotations
 
@@ -100,61 +104,121 @@ def load_run_config(run_dir: Path):
 
 
 def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None,
-           tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write the HF folder of checkpoint ``tag`` (default: the latest) of ``run_dir``; returns out_dir."""
-    from model.hf import write_hf
+           tokenizer: str | Path | None = None, overwrite: bool = False, no_tokenizer: bool = False) -> Path:
+    """Write the HF folder of checkpoint ``tag`` (default: the latest) of ``run_dir``; returns out_dir.
+
+    Every input is checked before the checkpoint is consolidated and anything is written: the shards
+    (``data.path``, for the vocabulary and the tokenizer they name) and the tokenizer must be found,
+    unless ``tokenizer`` names one or ``no_tokenizer`` asks for the model alone."""
+    from model.hf import with_umask_mode, write_hf
     from pretrain.config import model_config
-    from pretrain.data.shards import MANIFEST, read_manifest
+    from pretrain.data.shards import read_manifest
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     tag_dir = find_checkpoint(run_dir, tag)
     cfg = load_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir} exists and is not empty (pass --overwrite to write into it)")
+    data_path = find_data_path(cfg.data.path, run_dir, required=not (tokenizer or no_tokenizer))
+    manifest = read_manifest(data_path) if data_path is not None else None
+    tok_file, tok = (None, None) if no_tokenizer else run_tokenizer(tokenizer, data_path, manifest)
     layout = checkpoint.read_layout(tag_dir.parent, tag_dir.name)
     console.print(f"[bold]gal-export[/] {tag_dir}: ZeRO-{layout['zero_stage']}, TP {layout['tp_size']} × "
                   f"DP {layout['dp_size']}")
 
     with console.status("consolidating the checkpoint to fp32 (DeepSpeed zero_to_fp32) ..."):
         full = consolidate(tag_dir)
-    data_path = Path(cfg.data.path)
-    manifest = read_manifest(data_path) if (data_path / MANIFEST).exists() else None
     if manifest is None and cfg.model.vocab_size is None:
-        console.print(f"[yellow]warning:[/] {data_path / MANIFEST} is missing: the vocabulary size is read from the weights")
+        console.print("[yellow]warning:[/] no shards: the vocabulary size is read from the weights")
     model_cfg = model_config(cfg, manifest or {"vocab_size": full["wte.weight"].shape[0]})
     want = (model_cfg.vocab_size, model_cfg.d_model)
     if tuple(full["wte.weight"].shape) != want:
         raise ConfigError(f"{tag_dir}: token embedding of shape {tuple(full['wte.weight'].shape)}, but "
                           f"{run_dir / 'config.yaml'} (model.size={cfg.model.size}) gives {want}")
+    if tok is not None and tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, more than the model's "
+                          f"{model_cfg.vocab_size}")
 
-    tok_file, tok = run_tokenizer(tokenizer, data_path, manifest, model_cfg.vocab_size)  # before anything is written
     with console.status(f"writing the Hugging Face OPT folder to {out_dir} ..."):
-        write_hf(full, model_cfg, out_dir)
+        write_hf(full, model_cfg, out_dir)  # each file with the user's umask
     console.print(f"model: {sum(t.numel() for t in full.values()):,} parameters, {model_cfg.n_layers} layers, "
                   f"d_model {model_cfg.d_model}, vocab {model_cfg.vocab_size:,} → {out_dir}")
-
-    if tok is not None:
-        tok.export_hf(out_dir)
-        console.print(f"tokenizer: {tok_file} ({tok.vocab_size:,} tokens) → {out_dir}")
-    else:
-        console.print(f"[yellow]warning:[/] no tokenizer at {tok_file}: {out_dir} has the model only "
-                      "(pass --tokenizer PATH to add one)")
+    if tok is None:
+        console.print(f"tokenizer: none (--no-tokenizer): {out_dir} has the model only")
+        return out_dir
+    before = _file_stats(out_dir)
+    tok.export_hf(out_dir)
+    with_umask_mode(*[p for p, st in _file_stats(out_dir).items() if before.get(p) != st])
+    console.print(f"tokenizer: {tok_file} ({tok.vocab_size:,} tokens) → {out_dir}")
     return out_dir
 
 
-def run_tokenizer(tokenizer: str | Path | None, data_path: Path, manifest: dict | None, vocab_size: int):
-    """(path, tokenizer) of ``--tokenizer`` or of the file the shards' manifest names; the tokenizer is None
-    when there is no such file. Ours (tokenizer.model) or a released one (tokenizer.json)."""
+def _file_stats(folder: Path) -> dict[Path, tuple]:
+    """Each file's (inode, size, mtime): compared before and after a writer, the files it created or rewrote."""
+    stats = {}
+    for path in folder.iterdir():
+        if path.is_file():
+            st = path.stat()
+            stats[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return stats
+
+
+def find_data_path(data_path: str, run_dir: Path, required: bool) -> Path | None:
+    """The run's shards (``data.path`` of its config.yaml), found from wherever gal-export runs.
+
+    A relative ``data.path`` (runs before gal-train recorded it absolute) is relative to the directory
+    gal-train ran from: the one Hydra recorded (RUN_DIR/.hydra/hydra.yaml, hydra.runtime.cwd), else the
+    current directory, else one of the run directory's ancestors (runs/NAME inside the project). The
+    first that holds the shards' manifest.json wins, and the output says which. None when not found
+    and not ``required`` (the tokenizer comes from --tokenizer, or none is wanted)."""
+    from pretrain.data.shards import MANIFEST
+
+    path = Path(data_path).expanduser()
+    if path.is_absolute():
+        candidates = [(path, "")]
+    else:
+        launched = _launch_dir(run_dir)
+        bases = ([(launched, f"the directory gal-train ran from, {run_dir / '.hydra' / 'hydra.yaml'}")] if launched
+                 else []) + [(Path.cwd(), "the current directory")]
+        bases += [(a, "an ancestor of the run directory") for a in run_dir.resolve().parents]
+        candidates = [(base / path, f" (relative in config.yaml: resolved against {how})") for base, how in bases]
+    for candidate, how in candidates:
+        if (candidate / MANIFEST).is_file():
+            console.print(f"data.path: {candidate}{how}")
+            return candidate
+    tried = ", ".join(dict.fromkeys(str(c) for c, _ in candidates))
+    message = f"data.path={data_path} (from {run_dir / 'config.yaml'}): no shards ({MANIFEST}) at {tried}"
+    if required:
+        raise ConfigError(f"{message}; run gal-export where gal-train ran, or pass --tokenizer PATH, or "
+                          "--no-tokenizer to export the model alone")
+    console.print(f"[yellow]warning:[/] {message}")
+    return None
+
+
+def _launch_dir(run_dir: Path) -> Path | None:
+    """The directory gal-train ran from, as Hydra recorded it in RUN_DIR/.hydra/hydra.yaml (None if not)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.cwd", throw_on_resolution_failure=False)
+    except Exception:  # noqa: BLE001 (absent or unreadable: not recorded)
+        return None
+    return Path(cwd) if isinstance(cwd, str) and Path(cwd).is_absolute() else None
+
+
+def run_tokenizer(tokenizer: str | Path | None, data_path: Path | None, manifest: dict | None):
+    """(path, tokenizer) of ``--tokenizer`` or of the file the shards' manifest names: ours (tokenizer.model)
+    or a released one (tokenizer.json). A missing one is an error: an HF folder without its tokenizer
+    is a trap for whoever loads it later."""
     from pretrain.tokenizer import load_tokenizer
 
     path = Path(tokenizer) if tokenizer else data_path / (manifest or {}).get("tokenizer", {}).get(
         "model", "tokenizer/tokenizer.model")
     if not path.exists():
-        return path, None
-    tok = load_tokenizer(path)
-    if tok.vocab_size > vocab_size:
-        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} tokens, more than the model's {vocab_size}")
-    return path, tok
+        raise ConfigError(f"no tokenizer at {path}: pass --tokenizer PATH, or --no-tokenizer to export the "
+                          "model alone")
+    return path, load_tokenizer(path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,12 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="the gal-train run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000042 (default: the latest complete one)")
-    parser.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or their directory (default: the one "
-                        "the run's shards name in <data.path>/manifest.json)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or their directory (default: the one "
+                       "the run's shards name in <data.path>/manifest.json)")
+    which.add_argument("--no-tokenizer", action="store_true", help="export the model alone (without it a missing "
+                       "tokenizer is an error)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
     try:
-        export(args.run_dir, args.out_dir, tag=args.tag, tokenizer=args.tokenizer, overwrite=args.overwrite)
+        export(args.run_dir, args.out_dir, tag=args.tag, tokenizer=args.tokenizer, overwrite=args.overwrite,
+               no_tokenizer=args.no_tokenizer)
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
         fail("gal-export", str(e))
 

@@ -5,13 +5,13 @@
 Reads ``RUN_DIR/metrics.jsonl`` (a finished or a still-running run; a half-written last line is
 skipped) and writes to ``RUN_DIR/report/`` (or ``--out DIR``):
 
-* ``double_descent.png``: held-out loss per source, the token-weighted aggregate (thick), the loss on
-  already-seen training sequences (dashed) and the training loss (faint), against tokens seen and
-  against epochs, with epoch boundaries and the events found by :mod:`pretrain.analysis.doubledescent`
-  (bump peaks ▲, overfitting onsets ✕);
-* ``summary.json`` and ``summary.md``: per epoch the aggregate held-out loss at its start, end and
-  minimum, the generalisation gap (aggregate held-out minus seen loss at the epoch's last round), the
-  detected shape and events, the repeat count, and the effective data.
+* ``double_descent.png`` (pretrain/analysis/curves.py): the training loss with the held-out and seen
+  losses against tokens seen, then each source's held-out and seen loss on its own scale against epochs,
+  with epoch boundaries and the events found by :mod:`pretrain.analysis.doubledescent` (bump peaks ▲,
+  overfitting onsets ✕). A run without validation rows gets its training curve;
+* ``summary.json`` and ``summary.md``: the training loss in brief; per epoch the aggregate held-out loss
+  at its start, end and minimum, the generalisation gap (aggregate held-out minus seen loss at the
+  epoch's last round), the detected shape and events, the repeat count, and the effective data.
 
 Effective data follows Muennighoff et al. 2023, "Scaling Data-Constrained Language Models":
 ``D' = U_D + U_D * R*_D * (1 - exp(-R_D / R*_D))`` with ``U_D`` the unique tokens (the training set
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.analysis import doubledescent, sweep
+from pretrain.analysis import curves, doubledescent, sweep
 from pretrain.cli import fail
 from pretrain.analysis.records import read_metrics
 
@@ -43,14 +43,15 @@ def effective_tokens(tokens_seen: float, unique_tokens: float, r_star: float = R
 
 
 def load(metrics_path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; an error unless it has a training step or a validation round (a run
+    without validation rows still gets its training curve)."""
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path}: no such metrics file (is RUN_DIR a run directory?)")
     rows = read_metrics(metrics_path)
     if not rows:
         raise ValueError(f"{metrics_path}: empty, no rows yet")
-    if not any(r.get("event") == "validation" for r in rows):
-        raise ValueError(f"{metrics_path}: no validation rows (was validation.enabled false, or has the "
-                         f"run not reached its first validation round yet?)")
+    if not any(r.get("event") in (None, "validation") for r in rows):
+        raise ValueError(f"{metrics_path}: no training step or validation round yet")
     return rows
 
 
@@ -59,7 +60,7 @@ def _tokens_per_epoch(rows: list[dict]) -> float:
               if isinstance(r.get("epoch"), (int, float)) and r.get("epoch", 0) > 0 and r.get("tokens_seen")
               and (r.get("event") is None or r.get("event") == "validation")]
     if not ratios:
-        raise ValueError("metrics.jsonl: no row with both tokens_seen and a positive epoch")
+        raise ValueError("metrics.jsonl: no training step yet (no row with both tokens_seen and a positive epoch)")
     return float(np.median(ratios))
 
 
@@ -69,6 +70,11 @@ def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None
     series = sorted({k for r in valid for k in r["losses"] if not k.startswith("seen")}, key=lambda k: (k == "aggregate", k))
     results = {s: doubledescent.from_metrics(rows, s, config) for s in series}
     unique = _tokens_per_epoch(rows)
+    base = {"unique_tokens": unique, "effective_data_formula": EFFECTIVE_DATA_FORMULA, "r_star_d": R_STAR_D,
+            "training_loss": _training_loss(rows)}
+    if not results:  # no held-out rounds (validation off, or only seen sets): the training curve alone
+        return {**base, "series": None, "noise": None, "epochs": [], "overfitting_epoch": None,
+                "overfitting_onset_tokens": None, "detection": {}}
     main = "aggregate" if "aggregate" in results else series[0]
     epochs = []
     for e in results[main].epochs:
@@ -94,18 +100,34 @@ def summarise(rows: list[dict], config: doubledescent.DetectConfig | None = None
                                  for s, r in results.items() if s != main},
             "probes_end": last.get("probes"),  # the chemistry probes of the epoch's last round (pretrain/evaluation/probes.py)
         })
-    return {"series": main, "unique_tokens": unique, "effective_data_formula": EFFECTIVE_DATA_FORMULA,
-            "r_star_d": R_STAR_D, "noise": results[main].noise, "epochs": epochs,
+    return {**base, "series": main, "noise": results[main].noise, "epochs": epochs,
             "overfitting_epoch": results[main].overfitting_epoch,
             "overfitting_onset_tokens": results[main].overfitting_onset_tokens,
             "detection": {s: r.to_dict() for s, r in results.items()}}
+
+
+def _training_loss(rows: list[dict]) -> dict | None:
+    """The training loss in brief: steps logged, first, last and lowest loss (None without step rows)."""
+    losses = [r["loss"] for r in rows if "event" not in r and isinstance(r.get("loss"), (int, float))
+              and math.isfinite(r["loss"])]
+    if not losses:
+        return None
+    return {"steps_logged": len(losses), "first": losses[0], "last": losses[-1], "min": min(losses)}
 
 
 def markdown(summary: dict, run_dir: Path) -> str:
     def f(v, fmt=".4f"):
         return "–" if v is None else format(v, fmt)
 
-    lines = [f"# Validation report: `{run_dir}`", "",
+    train = summary.get("training_loss")
+    head = [f"# Validation report: `{run_dir}`", ""]
+    if train:
+        head += [f"Training loss: {f(train['first'])} at the first logged step, {f(train['last'])} at the last "
+                 f"({train['steps_logged']} steps logged; lowest {f(train['min'])}).", ""]
+    if summary["series"] is None:
+        return "\n".join(head + ["No held-out validation rounds in metrics.jsonl (validation.enabled=false, or no "
+                                 "round yet): the figure shows the training loss only.", ""])
+    lines = [*head,
              f"Series: `{summary['series']}` (token-weighted over held-out sources); unique training tokens "
              f"U_D = {summary['unique_tokens']:,.0f}; noise sigma = {summary['noise']:.4g} (loss units).", "",
              f"Effective data (Muennighoff et al. 2023, \"Scaling Data-Constrained Language Models\"): "
@@ -149,95 +171,12 @@ def markdown(summary: dict, run_dir: Path) -> str:
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Save the report figure (pretrain/analysis/curves.py) as a PNG."""
     import matplotlib.pyplot as plt
 
-    valid = [r for r in rows if r.get("event") == "validation"]
-    train = [r for r in rows if "event" not in r and r.get("loss") is not None and "tokens_seen" in r]
-    unique = summary["unique_tokens"]
-    bounds = doubledescent.epoch_boundaries(rows)
-    series = list(summary["detection"])
-    colors = dict(zip(series, plt.cm.tab10.colors * (len(series) // 10 + 1)))
-    colors["aggregate"] = "black"
-    fig, axes = plt.subplots(3, 1, figsize=(11, 12), constrained_layout=True)
-    shown = [v for r in valid for v in r["losses"].values() if v is not None]
-    lo, hi = min(shown), max(shown)
-    for ax, scale, xlabel in ((axes[0], 1.0, "tokens seen"), (axes[1], 1.0 / unique, "epoch")):
-        if train:
-            ax.plot([r["tokens_seen"] * scale for r in train], [r["loss"] for r in train], color="grey",
-                    alpha=0.25, lw=0.8, label="train (batch)")
-        seen_labels = {"seen": "seen (trained-on samples)", "seen/repeated": "seen: the repeated subset"}
-        for s in series + list(seen_labels):
-            pts = [(r["tokens_seen"] * scale, r["losses"][s]) for r in valid if r["losses"].get(s) is not None]
-            if not pts:
-                continue
-            x, y = zip(*pts)
-            main = s == "aggregate"
-            ax.plot(x, y, lw=2.5 if main else 1.0, ls="--" if s in seen_labels else "-",
-                    color=colors.get(s, "tab:red" if s == "seen/repeated" else "tab:gray"),
-                    marker="." if len(x) < 60 else None, ms=3, label=seen_labels.get(s, f"held-out {s}"),
-                    zorder=3 if main else 2)
-        for s in series:
-            curve = {r["tokens_seen"]: r["losses"][s] for r in valid if r["losses"].get(s) is not None}
-            size = 80 if s == "aggregate" else 30
-            for e in summary["detection"][s]["epochs"]:
-                if e["bump_peak_tokens"] is not None:
-                    ax.scatter(e["bump_peak_tokens"] * scale, curve[e["bump_peak_tokens"]], marker="^", s=size,
-                               color=colors[s], edgecolor="red", zorder=5)
-                if e["overfitting_onset_tokens"] is not None:
-                    ax.scatter(e["overfitting_onset_tokens"] * scale, curve[e["overfitting_onset_tokens"]],
-                               marker="X", s=size, color="red", zorder=5)
-            run_onset = summary["detection"][s].get("overfitting_onset_tokens")
-            if run_onset is not None:  # across epochs
-                ax.scatter(run_onset * scale, curve[run_onset], marker="X", s=size * 2, color="red",
-                           edgecolor="black", zorder=6)
-        for b in bounds:
-            ax.axvline(b * scale, color="tab:blue", alpha=0.4, lw=1, ls=":")
-        pad = 0.1 * (hi - lo) or 0.1
-        ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-    axes[0].scatter([], [], marker="^", color="white", edgecolor="red", label="bump peak")
-    axes[0].scatter([], [], marker="X", color="red", label="overfitting onset")
-    axes[0].legend(fontsize=8, ncol=2)
-    axes[0].set_title("Validation loss; dotted lines: epoch boundaries")
-    _zoom(axes[2], valid, summary, unique, bounds)
+    fig = curves.figure(rows, summary)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _zoom(ax, valid: list[dict], summary: dict, unique: float, bounds: list[int]) -> None:
-    """The main held-out curve over the second half of the run, on its own scale: the within-epoch bumps
-    and the slow rise of overfitting are a few hundredths of a nat, invisible next to the early drop."""
-    main = summary["series"]
-    last = max((r["tokens_seen"] for r in valid), default=0)
-    pts = [(r["tokens_seen"], r["losses"][main]) for r in valid
-           if r["losses"].get(main) is not None and r["tokens_seen"] >= (max(unique, last / 2) if last > unique else last / 2)]
-    if len(pts) < 2:
-        ax.set_visible(False)
-        return
-    t, y = zip(*pts)
-    ax.plot([x / unique for x in t], y, color="black", marker=".", ms=4, lw=1.5, label=f"held-out {main}")
-    for e in summary["detection"][main]["epochs"]:
-        if e["bump_peak_tokens"] is not None and e["bump_peak_tokens"] in dict(pts):
-            ax.scatter(e["bump_peak_tokens"] / unique, dict(pts)[e["bump_peak_tokens"]], marker="^", s=80,
-                       color="white", edgecolor="red", zorder=5, label="bump peak")
-    onset = summary.get("overfitting_onset_tokens")
-    if onset is not None and onset in dict(pts):
-        ax.scatter(onset / unique, dict(pts)[onset], marker="X", s=120, color="red", zorder=6,
-                   label=f"best epoch end before overfitting (epoch {summary['overfitting_epoch']})")
-    for b in bounds:
-        if t[0] <= b <= t[-1]:
-            ax.axvline(b / unique, color="tab:blue", alpha=0.4, lw=1, ls=":")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
-    ax.set_title(f"Held-out {main} loss, second half of the run (own scale)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None,

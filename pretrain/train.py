@@ -11,34 +11,36 @@ and the exit codes are described there and in docs/architecture.md).
 """
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from launch.env import detect
-from launch.slurm import requeue_if_preempted
-from pretrain.cli import expected_message, hydra_app
+from launch.slurm import EXIT_PREEMPTED, requeue_if_preempted  # noqa: F401 (EXIT_*: the exit codes)
+from launch.sweep import name_point
+from pretrain.cli import EXIT_DONE, EXIT_LOSS_GUARD, expected_message, hydra_app, quiet_third_party  # noqa: F401
 from pretrain.config import register, typed
-from pretrain.trainer.loop import EXIT_DONE, EXIT_LOSS_GUARD, EXIT_PREEMPTED, fit  # noqa: F401 (the exit codes)
-from pretrain.trainer.setup import build_run
 
+# torch, DeepSpeed and megatron-core are imported when a run starts (run()): `gal-train --help` and a
+# config error answer at once, and their start-up noise goes to train.log (pretrain.cli.quiet_third_party).
 register()
 
 
 def run(cfg: DictConfig) -> int:
     """Train the run ``cfg`` describes; returns the exit code."""
+    quiet_third_party()
+    from pretrain.trainer.loop import fit
+    from pretrain.trainer.setup import build_run
+
     hydra_run = HydraConfig.initialized()
     run_dir = Path(HydraConfig.get().runtime.output_dir if hydra_run else cfg.run_dir)
     try:
         train_cfg = typed(cfg)
-        if hydra_run and not train_cfg.logger.group and HydraConfig.get().mode == RunMode.MULTIRUN:
-            train_cfg.logger.group = Path(HydraConfig.get().sweep.dir).name  # a sweep's points group in wandb
+        if hydra_run:
+            name_point(train_cfg.logger, HydraConfig.get())  # a sweep point's wandb group and name
         return fit(build_run(train_cfg, run_dir, detect()))
     except Exception as e:
         if expected_message(e) is not None:
@@ -54,6 +56,8 @@ def discard_if_empty(run_dir: Path) -> None:
 
 
 def _task(cfg: DictConfig) -> None:
+    import torch.distributed as dist
+
     code = run(cfg)
     if dist.get_rank() == 0:
         requeue_if_preempted(code)
@@ -62,7 +66,6 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     hydra_app("gal-train", "config", _task)
 
 

@@ -106,9 +106,10 @@ def train_command(nproc: int, run_dir: Path, shards: Path, *overrides: str) -> l
 
 
 def train_env() -> dict:
-    """The trainer's environment: one thread per rank, the repo importable, wandb offline and silent."""
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+    """The trainer's environment: one thread per rank, the repo importable, wandb offline and silent (no key,
+    and no ``wandb login`` of the person running the tests: an empty NETRC; logger.mode=auto then means offline)."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", "NETRC": os.devnull}
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
         e.pop(key, None)
     return e
 

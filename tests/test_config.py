@@ -6,13 +6,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict
 
 import pytest
 
-from helpers import synthetic_shards, train_cfg
+from helpers import REPO, synthetic_shards, train_cfg
 from model.config import GalacticaConfig
 from pretrain.config import (HASHED_KEYS, ConfigError, TrainConfig, config_hash,
                              divisible_global_batch_samples, global_batch_samples, model_config, model_preset,
@@ -78,7 +81,8 @@ def test_config_hash_changes_with_every_hashed_key_and_the_data():
 
 
 RUNTIME_CHANGES = [("data.path", "/elsewhere/shards"), ("data.prefetch", 0), ("data.record_sample_ids", True),
-                   ("logger.wandb", False), ("logger.project", "p"), ("logger.group", "g"), ("logger.name", "n"),
+                   ("logger.wandb", False), ("logger.mode", "offline"), ("logger.init_timeout_s", 5.0),
+                   ("logger.project", "p"), ("logger.group", "g"), ("logger.name", "n"),
                    ("logger.console", False), ("validation.enabled", False), ("validation.interval_tokens", 1000),
                    ("validation.after_boundary_points", 5), ("validation.seen_samples", 3),
                    ("validation.probes", True), ("validation.micro_batch_size", 1),
@@ -244,3 +248,23 @@ def test_model_preset_and_shape():
         model_preset("nope")
     # the preset and a composed run config agree
     assert asdict(model_config(train_cfg(), {"vocab_size": 256})) == asdict(tiny())
+
+
+# ----------------------------------------------------------------------------- --help
+@pytest.mark.parametrize("prog, module, own, foreign", [
+    ("gal-train", "pretrain.train", ["model", "deepspeed", "data", "optim", "trainer", "logger", "checkpoint", "validation",
+                        "experiment", "hydra/launcher"], ["corpus"]),
+    ("gal-prepare", "pretrain.prepare", ["corpus"], ["model", "deepspeed", "optim"]),
+])
+def test_help_lists_the_commands_own_groups_and_imports_no_torch(prog, module, own, foreign):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & {"torch", "deepspeed", "megatron", "transformers"}  # the help answers at once
+    assert proc.stdout.startswith(f"{prog}: ") and "powered by Hydra" not in proc.stdout
+    groups = dict(line.split(": ", 1) for line in proc.stdout.split("== Config groups (group=option) ==")[1]
+                  .split("==")[0].strip().splitlines())
+    assert list(groups) == own and not set(groups) & set(foreign)
+    for group, options in groups.items():  # the help's lists are conf/'s
+        assert sorted(options.split(", ")) == sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")), group

@@ -9,6 +9,7 @@ import gzip
 import json
 import re
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,9 +48,10 @@ def zero3_tp2_run(shards, tmp_path_factory) -> Path:
     return run
 
 
-def gal_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "gal-export"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=REPO, env=train_env())
+def gal_export(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The gal-export console script, run from ``cwd`` under the usual umask 022."""
+    return subprocess.run([str(BIN / "gal-export"), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=train_env(), preexec_fn=lambda: os.umask(0o022))
 
 
 @pytest.mark.multirank
@@ -128,7 +130,7 @@ class Payload:
         return (os.system, (f"touch {self.path}",))
 
 
-def test_errors_name_the_path_and_a_missing_tokenizer_only_warns(zero3_tp2_run, tmp_path, capsys):
+def test_errors_name_the_path_and_a_missing_tokenizer_is_an_error(zero3_tp2_run, tmp_path, capsys):
     err = cli_error(capsys, export.main, [str(tmp_path / "nope"), str(tmp_path / "out")])
     assert re.search(f"run directory {tmp_path / 'nope'} does not exist", err)
     (tmp_path / "empty").mkdir()
@@ -138,8 +140,61 @@ def test_errors_name_the_path_and_a_missing_tokenizer_only_warns(zero3_tp2_run, 
     assert re.search("step00000099 does not exist; found: step00000003", err)
 
     out = tmp_path / "model_only"
-    export.main([str(zero3_tp2_run), str(out), "--tokenizer", str(tmp_path / "no_tokenizer")])
+    err = cli_error(capsys, export.main, [str(zero3_tp2_run), str(out), "--tokenizer", str(tmp_path / "no_tokenizer")])
+    assert err.strip().splitlines()[-1] == (f"gal-export: error: no tokenizer at {tmp_path / 'no_tokenizer'}: pass "
+                                            "--tokenizer PATH, or --no-tokenizer to export the model alone")
+    assert not out.exists()  # checked before anything is written
+    export.main([str(zero3_tp2_run), str(out), "--no-tokenizer"])
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
-    assert "no tokenizer at" in capsys.readouterr().err
+    assert "tokenizer: none (--no-tokenizer)" in capsys.readouterr().err
     err = cli_error(capsys, export.main, [str(zero3_tp2_run), str(out), "--tag", "step00000003"])
     assert re.search("is not empty", err)
+
+
+def relative_data_path(run: Path, data_path: str) -> None:
+    """Write ``data_path`` into the run's config.yaml, as gal-train recorded it before it made it absolute."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data.path = data_path
+    OmegaConf.save(cfg, run / "config.yaml")
+
+
+def test_export_from_another_directory_writes_the_whole_folder_readable_by_others(zero3_tp2_run, shards, tmp_path):
+    """A relative data.path (runs before it was recorded absolute) is found from any directory: against the
+    directory gal-train ran from (Hydra's record), or above the run directory (runs/NAME in a project).
+    The folder is complete and every file is 0644 under umask 022 (safetensors alone writes 0600)."""
+    from omegaconf import OmegaConf
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    launched, scratch_run = tmp_path / "launched", tmp_path / "scratch" / "run"  # the run outside the project
+    project, project_run = tmp_path / "project", tmp_path / "project" / "runs" / "run"
+    for root, run in ((launched, scratch_run), (project, project_run)):
+        shutil.copytree(shards, root / "data" / "shards")
+        shutil.copytree(zero3_tp2_run, run)
+        relative_data_path(run, "data/shards")
+    hydra = OmegaConf.load(scratch_run / ".hydra" / "hydra.yaml")
+    hydra.hydra.runtime.cwd = str(launched)
+    OmegaConf.save(hydra, scratch_run / ".hydra" / "hydra.yaml")
+    shutil.rmtree(project_run / ".hydra")  # no record: found above the run directory
+
+    relative_data_path(project_run, "data/elsewhere")
+    proc = gal_export(project_run, elsewhere / "lost", cwd=elsewhere)
+    assert proc.returncode == 2 and not (elsewhere / "lost").exists()
+    assert (f"gal-export: error: data.path=data/elsewhere (from {project_run / 'config.yaml'}): no shards "
+            f"(manifest.json) at {elsewhere / 'data/elsewhere'}, ") in proc.stderr and "--no-tokenizer" in proc.stderr
+    relative_data_path(project_run, "data/shards")
+
+    for run, root, found in ((scratch_run, launched, "the directory gal-train ran from"),
+                             (project_run, project, "an ancestor of the run directory")):
+        out = elsewhere / f"hf_{root.name}"
+        proc = gal_export(os.path.relpath(run, elsewhere), out.name, cwd=elsewhere)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        resolved = f"data.path: {root / 'data' / 'shards'} (relative in config.yaml: resolved against {found}"
+        assert resolved in proc.stderr
+        names = {p.name for p in out.iterdir()}
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+                "tokenizer_config.json", "special_tokens_map.json"} <= names
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+        assert set(modes.values()) == {"0o644"}, modes

@@ -146,3 +146,28 @@ def test_tp_shards_merge_back():
     shards[1]["ln_f.weight"] = shards[1]["ln_f.weight"] + 1
     with pytest.raises(ValueError, match="ln_f.weight differs"):
         merge_tp_state_dicts(shards)
+
+
+def test_written_files_get_the_users_umask_not_safetensors_0600(exported, tmp_path):
+    """safetensors' save_file creates its file 0600: write_hf gives every file 0666 less the umask."""
+    import os
+
+    from model.hf import write_hf
+
+    model, _ = exported
+    full = own_state(model)
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            out = write_hf(full, model.config, tmp_path / oct(umask))
+        finally:
+            os.umask(old)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert modes == {"config.json": mode, "generation_config.json": mode, "model.safetensors": mode}
+    old = os.umask(0o022)
+    try:  # sharded weights and their index too
+        out = write_hf(full, model.config, tmp_path / "sharded", max_shard_bytes=50_000)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors.index.json" in modes and len(modes) > 4 and set(modes.values()) == {0o644}

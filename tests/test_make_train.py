@@ -23,3 +23,9 @@ def test_make_train_finishes_and_the_loss_falls(tmp_path):
     assert (run_dir / "checkpoints" / "latest").exists()
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert "epoch_end" in proc.stdout
+    # quiet: no third-party start-up noise or warnings on the console (it is in train.log)
+    console = proc.stdout + proc.stderr
+    for noise in ("Warning", "warnings.warn", "Transformer Engine", "Setting accelerator", "-laio", "built successfully",
+                  "Detected Megatron Core"):
+        assert noise not in console, noise
+    assert "Transformer Engine and Apex are not installed" in (run_dir / "train.log").read_text()

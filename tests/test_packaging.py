@@ -50,3 +50,17 @@ def test_probes_follow_the_validation_group_not_the_model_size(installed, tmp_pa
     proc = run_installed(installed, tmp_path, "gal-train", "--cfg", "job", "model=30b")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "probes: false" in proc.stdout and "n_layers: 48" in proc.stdout
+
+
+def test_installed_copy_carries_the_sweep_launchers(installed, tmp_path):
+    """conf/hydra/launcher/{local,slurm}.yaml name launchers that Hydra loads only from the hydra_plugins package."""
+    probe = ("from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher; "
+             "import hydra_plugins.galactica_launchers as m; print(m.__file__); "
+             "print(*sorted(c.__module__ + '.' + c.__name__ for c in Plugins.instance().discover(Launcher)))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(installed)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, launchers = proc.stdout.splitlines()[-2:]
+    assert where.startswith(str(installed))
+    assert {"hydra_plugins.galactica_launchers.LocalLauncher",
+            "hydra_plugins.galactica_launchers.SlurmLauncher"} <= set(launchers.split())

@@ -139,7 +139,7 @@ def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rounds = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "validation"]
     records = json.loads((shards / "manifest.json").read_text())["probes"]["molecules"]["records"]
-    assert [r["step"] for r in rounds] == [2, 4]
+    assert [r["step"] for r in rounds] == [0, 2, 4]  # validation.at_start: the fresh model's round too
     for r in rounds:
         p = r["probes"]
         assert 0 <= p["formula_exact_match"] <= 1 and 0 <= p["smiles_validity"] <= 1

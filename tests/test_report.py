@@ -81,9 +81,124 @@ def test_errors_name_the_path(tmp_path, capsys):
     assert re.search(f"{path}: no such metrics file", cli_error(capsys, main, [str(tmp_path)]))
     path.write_text("")
     assert re.search(f"{path}: empty", cli_error(capsys, main, [str(tmp_path)]))
-    path.write_text(json.dumps({"step": 1, "tokens_seen": 10, "epoch": 0.1, "loss": 3.0}) + "\n")
-    assert re.search(f"{path}: no validation rows", cli_error(capsys, main, [str(tmp_path)]))
+    path.write_text(json.dumps({"event": "start", "step": 0, "tokens_seen": 0}) + "\n")
+    assert re.search(f"{path}: no training step or validation round yet", cli_error(capsys, main, [str(tmp_path)]))
     assert not (tmp_path / "report").exists()
+
+
+# ----------------------------------------------------------------------------- the figure's content
+def draw(rows):
+    """The report figure of ``rows`` and its axes by label (overview, series:<name>)."""
+    from pretrain.analysis.curves import figure
+    from pretrain.report import summarise
+
+    summary = summarise(rows)
+    fig = figure(rows, summary)
+    return fig, {ax.get_label(): ax for ax in fig.axes}, summary
+
+
+def lines(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def legend(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def training_losses(rows) -> list[float]:
+    return [r["loss"] for r in rows if "event" not in r]
+
+
+def test_figure_training_loss_unclipped_sources_on_their_own_scale_and_only_the_markers_drawn(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = write_run(tmp_path)
+    fig, axes, summary = draw(rows)
+    # the overview, then one panel per source and one of the aggregate: nothing else (no repeated panel)
+    assert sorted(axes) == ["overview", "series:aggregate", "series:arxiv", "series:pubchem"]
+    overview = axes["overview"]
+    low, high = overview.get_ylim()
+    losses = training_losses(rows)
+    assert low <= min(losses) and max(losses) <= high  # the training loss is not clipped
+    drawn = lines(overview)
+    assert list(drawn["training loss (each step)"].get_ydata()) == losses
+    assert {"held-out arxiv", "held-out pubchem", "held-out aggregate (token-weighted)", "seen (trained-on samples)",
+            "epoch end"} <= set(legend(overview))
+    # no source hides under the aggregate: other colours, and the aggregate on top but see-through
+    aggregate = drawn["held-out aggregate (token-weighted)"]
+    for source in ("held-out arxiv", "held-out pubchem"):
+        assert drawn[source].get_color() != aggregate.get_color()
+        assert aggregate.get_alpha() < 1 and aggregate.get_zorder() > drawn[source].get_zorder()
+    assert len({drawn[s].get_color() for s in ("held-out arxiv", "held-out pubchem")}) == 2
+    # epoch boundaries on every axis
+    for ax in axes.values():
+        assert sum(1 for line in ax.get_lines() if line.get_linestyle() == ":") == 3
+    # the legend has a marker only where one was drawn: bumps in epochs 2 and 3, no overfitting
+    panel = axes["series:pubchem"]
+    assert legend(panel) == ["held-out pubchem", "bump peak"]
+    assert len(panel.collections) == sum(e["bump_peak_tokens"] is not None
+                                         for e in summary["detection"]["pubchem"]["epochs"]) == 2
+    assert not any("overfitting" in label for ax in axes.values() for label in legend(ax))
+    # a panel starts at its first validation round: no empty stretch before it
+    first = next(r for r in rows if r.get("event") == "validation")
+    assert panel.get_xlim()[0] == pytest.approx(first["tokens_seen"] / EPOCH)
+    plt.close(fig)
+
+
+def test_a_fresh_models_round_widens_the_overview_and_the_panels_zoom_past_the_first_epoch(tmp_path):
+    """validation.at_start's round at step 0 (loss 6, twice the rest's range): the overview shows it, the
+    panels leave the first epoch's fall out so that the later bumps stay visible, and start where they zoom."""
+    import matplotlib.pyplot as plt
+
+    rows = write_run(tmp_path)
+    rows.insert(1, {"event": "validation", "step": 0, "tokens_seen": 0, "epoch": 0.0, "repeat": 0, "reason": "start",
+                    "losses": {"arxiv": 6.0, "pubchem": 5.8, "aggregate": 5.95, "seen": 6.0},
+                    "tokens": {"arxiv": 6000, "pubchem": 2000, "aggregate": 8000, "seen": 4000}})
+    fig, axes, _ = draw(rows)
+    assert axes["overview"].get_ylim()[1] >= 6.0
+    assert axes["overview"].get_xlim()[0] == 0
+    for name in ("aggregate", "arxiv", "pubchem"):
+        panel = axes[f"series:{name}"]
+        assert panel.get_ylim()[1] < 3.5 and "the first epoch's fall is in the top panel" in panel.get_title()
+        later = [r["losses"][name] for r in rows if r.get("event") == "validation" and r["epoch"] >= 1]
+        assert panel.get_ylim()[0] < min(later) and max(later) < panel.get_ylim()[1]
+        assert 0 < panel.get_xlim()[0] < 1
+    plt.close(fig)
+
+
+def test_one_source_is_not_drawn_twice_as_the_aggregate(tmp_path):
+    import matplotlib.pyplot as plt
+
+    rows = write_run(tmp_path, epochs=2, rounds_per_epoch=10)
+    for r in rows:
+        if r.get("event") == "validation":
+            r["losses"] = {"arxiv": r["losses"]["arxiv"], "aggregate": r["losses"]["arxiv"],
+                           "seen/arxiv": r["losses"]["seen"], "seen": r["losses"]["seen"]}
+    fig, axes, _ = draw(rows)
+    assert sorted(axes) == ["overview", "series:arxiv"]
+    assert "held-out arxiv (= aggregate)" in legend(axes["overview"])
+    assert not any("aggregate (token-weighted)" in label for label in legend(axes["overview"]))
+    assert legend(axes["series:arxiv"])[:2] == ["held-out arxiv (= aggregate)", "seen arxiv"]
+    plt.close(fig)
+
+
+def test_a_run_without_validation_rows_gets_its_training_curve(tmp_path, capsys):
+    rows = [r for r in write_run(tmp_path) if r.get("event") != "validation"]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(tmp_path)])
+    png = tmp_path / "report" / "double_descent.png"
+    assert str(png) in capsys.readouterr().out and png_size(png)[0] > 800
+    assert "training loss only" in (tmp_path / "report" / "summary.md").read_text()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["epochs"] == [] and summary["training_loss"]["steps_logged"] == len(training_losses(rows))
+
+    import matplotlib.pyplot as plt
+
+    fig, axes, _ = draw(rows)
+    assert list(axes) == ["overview"]
+    assert list(lines(axes["overview"])["training loss (each step)"].get_ydata()) == training_losses(rows)
+    assert "no validation rows" in axes["overview"].get_title()
+    plt.close(fig)
 
 
 def test_console_script_help():

@@ -12,6 +12,7 @@ import deepspeed
 import torch
 
 from model import parallel
+from pretrain.cli import third_party_output
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.trainer.schedule import lr_lambda, warmup_steps
 
@@ -82,9 +83,10 @@ def build(cfg: TrainConfig, model: torch.nn.Module, *, micro_batch_size: int, gr
     ds_config = deepspeed_config(cfg, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                                  dp_size=parallel.dp_size(), device=device,
                                  load_universal=load_universal)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
-        mpu=parallel.DeepSpeedMPU(),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    with third_party_output():  # DeepSpeed's "... built successfully" of its CPU communication op
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+            mpu=parallel.DeepSpeedMPU(),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine, ds_config, warmup
 

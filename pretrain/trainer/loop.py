@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 
 from launch.slurm import EXIT_PREEMPTED
+from pretrain.cli import EXIT_DONE, EXIT_LOSS_GUARD
+from pretrain.analysis.records import read_metrics
 from pretrain.config import model_shape
 from pretrain.data.loader import epochs_completed
 from pretrain.trainer import checkpoint
 from pretrain.trainer.setup import Run, client_state
 from pretrain.trainer.step import StepResult, train_step
 
-EXIT_DONE, EXIT_LOSS_GUARD = 0, 3
 
 
 def fit(run: Run) -> int:
@@ -29,8 +30,8 @@ def fit(run: Run) -> int:
     cfg, state, shapes, metrics = run.cfg, run.state, run.shapes, run.metrics
     t = cfg.trainer
     next_ckpt = _next_multiple(state.tokens_seen, cfg.checkpoint.interval_tokens)
-    if cfg.validation.enabled and cfg.validation.at_start:  # a fresh model's, or a loaded checkpoint's
-        validation_round(run, "start")
+    if cfg.validation.enabled and cfg.validation.at_start and not validated_at(run, state.step):
+        validation_round(run, "start")  # a fresh model's, or a loaded checkpoint's not yet evaluated
     exit_code = EXIT_DONE
     while state.step < shapes.total_steps:
         with run.timer.step(shapes.tokens_per_step):
@@ -81,6 +82,15 @@ def log_step(run: Run, result: StepResult, batches) -> None:
         row["skipped"] = result.skipped
     run.metrics.log(row)
     run.progress.update(row)
+
+
+def validated_at(run: Run, step: int) -> bool:
+    """Whether metrics.jsonl already holds a validation round at ``step`` (the main rank reads, all agree):
+    a resume does not repeat the round its checkpoint's step already had."""
+    answer = [run.metrics.enabled and any(r.get("event") == "validation" and r.get("step") == step
+                                          for r in read_metrics(run.metrics.path))]
+    dist.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 def validation_round(run: Run, reason: str) -> None:

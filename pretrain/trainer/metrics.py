@@ -5,16 +5,32 @@
 or an event (``{"event": "epoch_end", ...}``). On resume the rows written after the checkpoint are
 dropped, so the file reads as if the run had never stopped.
 
-wandb runs offline (its files under ``RUN_DIR/wandb``) unless ``WANDB_API_KEY`` is set; the run id is
-kept in the run directory so a resumed run continues the same wandb run. ``tokens_seen`` is the x-axis.
+wandb (``logger.*``, conf/logger/wandb.yaml) mirrors it, with ``tokens_seen`` as the x-axis:
+
+* **Mode** (:func:`wandb_mode`): ``WANDB_MODE`` if set, never overridden; else ``logger.mode``, whose ``auto``
+  is online when a key is present (``WANDB_API_KEY``, or a ``wandb login`` that wandb itself finds) and
+  offline otherwise (files under ``RUN_DIR/wandb``, ``wandb sync`` later).
+* **Never fatal** (:func:`_init_wandb`): an online start that fails or passes ``logger.init_timeout_s``
+  warns on one line and goes offline; if even that fails the run goes on without wandb. metrics.jsonl is
+  written either way.
+* **Events** (:meth:`Metrics.event`): each is a history row with ``event/<name>`` = 1 at its ``tokens_seen``
+  (a marker chartable against the losses), its last occurrence in the summary (``<name>/last``), and at the
+  end the whole list from metrics.jsonl as an ``events`` table (name, step, tokens_seen, epoch, details).
+  ``wandb.alert`` is not used: it needs a server and says nothing offline.
+* The run id is kept in the run directory, so a resumed run continues the same wandb run.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import shutil
+import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from rich.console import Console
@@ -22,22 +38,24 @@ from rich.console import Console
 from model import parallel
 from pretrain.analysis.records import read_metrics
 
+if TYPE_CHECKING:
+    from pretrain.config import LoggerConf
+
 
 class Metrics:
     """Only the main rank writes; other ranks get a Metrics whose methods do nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, config: dict, use_wandb: bool, project: str,
-                 group: str | None, name: str | None, console: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, enabled: bool, config: dict, logger: LoggerConf, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.console = Console(stderr=False) if (console and enabled) else None
+        self.console = Console(stderr=False) if (logger.console and enabled) else None
         self.wandb_run = None
         if not enabled:
             return
         self._truncate_after(resume_step)
         self.file = open(self.path, "a", buffering=1)
-        if use_wandb:
-            self.wandb_run = _init_wandb(Path(run_dir), config, project, group, name)
+        if logger.wandb:
+            self.wandb_run = _init_wandb(Path(run_dir), config, logger)
 
     def _truncate_after(self, step: int) -> None:
         """Drop rows of steps after ``step`` (written by a run that stopped before its next checkpoint)."""
@@ -57,13 +75,16 @@ class Metrics:
             self.wandb_run.log(_numbers(row))
 
     def event(self, name: str, *, to_wandb: bool = False, **fields) -> None:
-        """A marker (start, epoch_end, checkpoint, ...): metrics.jsonl and the console; with ``to_wandb``
-        also wandb (``<name>/<field>`` numbers in the history, and the event in the run summary)."""
+        """A marker (start, epoch_end, checkpoint, preempted, ...): metrics.jsonl, the console, and wandb (an
+        ``event/<name>`` row at its ``tokens_seen``, ``<name>/last`` in the summary, the ``events`` table at
+        the end). ``to_wandb`` also charts its numeric fields as ``<name>/<field>`` series (a double-descent
+        verdict's epoch, ...): for events whose numbers are worth a curve, not start's world size."""
         if not self.enabled:
             return
         self.file.write(json.dumps({"event": name, **fields}) + "\n")
-        if to_wandb and self.wandb_run is not None:
-            self.wandb_run.log({"tokens_seen": fields.get("tokens_seen"), **_numbers(fields, f"{name}/")})
+        if self.wandb_run is not None:
+            at = {"tokens_seen": fields["tokens_seen"]} if fields.get("tokens_seen") is not None else {}
+            self.wandb_run.log({**at, f"event/{name}": 1, **(_numbers(fields, f"{name}/") if to_wandb else {})})
             self.wandb_run.summary[f"{name}/last"] = fields
         if self.console is not None:
             self.console.print(f"[bold]{name}[/bold] " + " ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
@@ -100,6 +121,7 @@ class Metrics:
             return
         self.file.close()
         if self.wandb_run is not None:
+            self.wandb_run.log({"events": _events_table(read_metrics(self.path))})
             self.wandb_run.finish()
 
 
@@ -114,19 +136,95 @@ def _numbers(row: dict, prefix: str = "") -> dict:
     return out
 
 
-def _init_wandb(run_dir: Path, config: dict, project: str, group: str | None, name: str | None):
+def wandb_mode(setting: str) -> str:
+    """The run's wandb mode, ``online``, ``offline`` or ``disabled``, from ``logger.mode`` (``setting``).
+
+    ``WANDB_MODE``, when set, wins (a compute node without network sets it for every job); a different
+    explicit ``logger.mode`` is then named in a warning. ``auto`` is online when wandb finds a key: the
+    ``WANDB_API_KEY`` variable, or what ``wandb login`` saved (netrc, settings), asked of ``wandb.login`` itself
+    without a prompt or a server check; else offline."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+        if setting not in ("auto", mode):
+            _warn(f"logger.mode={setting} ignored: WANDB_MODE={env} is set and wins (unset it to use logger.mode)")
+        return mode
+    if setting != "auto":
+        return setting
+    return "online" if os.environ.get("WANDB_API_KEY") or _wandb_login_found() else "offline"
+
+
+def _wandb_login_found() -> bool:
     import wandb
 
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # its "Loaded credentials ..." lines
+            return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # noqa: BLE001 (a malformed netrc or settings file: no usable login)
+        return False
+
+
+def _init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
+    """The wandb run, or None: a wandb that fails to start never stops training (module docstring)."""
+    mode = wandb_mode(logger.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
     id_file = run_dir / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
-    run = wandb.init(project=project, group=group, name=name or run_dir.name, id=run_id, resume="allow",
-                     dir=str(run_dir), mode=mode, config=config,
-                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True))
+    before = set((run_dir / "wandb").glob("run-*"))
+    try:  # pass no mode when WANDB_MODE is set: wandb reads it itself
+        return _start_wandb(run_dir, config, logger, run_id, None if os.environ.get("WANDB_MODE") else mode)
+    except Exception as e:  # noqa: BLE001 (wandb raises CommError, UsageError, AuthenticationError, timeouts, ...)
+        error = _one_line(e)
+    if mode != "online":
+        _warn(f"wandb ({mode}) did not start ({error}): this run logs to metrics.jsonl only")
+        return None
+    _warn(f"wandb did not start online ({error}): logging offline (upload later: wandb sync "
+          f"{run_dir / 'wandb'}/offline-run-*); logger.mode=offline skips the attempt")
+    wandb.teardown()  # the failed attempt still holds the run id in wandb's service
+    for folder in set((run_dir / "wandb").glob("run-*")) - before:  # the failed attempt's run folder, no data
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        return _start_wandb(run_dir, config, logger, run_id, "offline")
+    except Exception as e:  # noqa: BLE001
+        _warn(f"wandb did not start offline either ({_one_line(e)}): this run logs to metrics.jsonl only")
+        return None
+
+
+def _start_wandb(run_dir: Path, config: dict, logger: LoggerConf, run_id: str, mode: str | None):
+    import wandb
+
+    timeout = {} if logger.init_timeout_s is None else {"init_timeout": float(logger.init_timeout_s)}
+    run = wandb.init(project=logger.project, group=logger.group, name=logger.name or run_dir.name, id=run_id,
+                     resume="allow", dir=str(run_dir), mode=mode, config=config,
+                     settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, **timeout))
     run.define_metric("tokens_seen")
     run.define_metric("*", step_metric="tokens_seen")
     return run
+
+
+def _events_table(rows: list[dict]):
+    """Every event of the run (resumed sessions included: metrics.jsonl is the record) as a wandb.Table;
+    validation rounds are left out, they are the ``valid/...`` series."""
+    import wandb
+
+    columns = ["event", "step", "tokens_seen", "epoch", "details"]
+    data = [[r["event"], r.get("step"), r.get("tokens_seen"), r.get("epoch"),
+             json.dumps({k: v for k, v in r.items() if k not in columns})]
+            for r in rows if "event" in r and r["event"] != "validation"]
+    return wandb.Table(columns=columns, data=data)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _fmt(v) -> str:

@@ -294,9 +294,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
         if is_main:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             (run_dir / "deepspeed_config.json").write_text(json.dumps(info.ds_config, indent=2))
-        metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), use_wandb=cfg.logger.wandb,
-                          project=cfg.logger.project, group=cfg.logger.group, name=cfg.logger.name,
-                          console=cfg.logger.console, resume_step=state.step)
+        metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), logger=cfg.logger, resume_step=state.step)
         peak, peak_source = peak_flops(device)
         metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=info.params,
                       world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),

@@ -27,7 +27,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def job_env(cluster) -> dict:
-    env = {**cluster.env, "WANDB_SILENT": "true"}
+    # the checkout importable (hydra_plugins/ too), wandb offline and silent
+    env = {**cluster.env, "WANDB_SILENT": "true", "NETRC": os.devnull, "PYTHONPATH": str(REPO)}
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         env.pop(key, None)
     return env
@@ -99,7 +100,8 @@ def test_lr_sweep_two_data_parallel_points_on_slurm(slurm_cluster, shards, tmp_p
         assert [r["step"] for r in steps] == list(range(1, STEPS + 1))  # no step lost or repeated
         assert rows(run, "done")[0]["step"] == STEPS
         assert (run / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
-        assert wandb_run_record(run)["run_group"] == "lr_sweep"
+        record = wandb_run_record(run)
+        assert (record["display_name"], record["run_group"]) == (f"optim.lr_max={lr_max}", "lr_sweep")
         lr_rows.append([r["lr"] for r in steps])
 
     # point 0 was preempted once: it checkpointed, was requeued and resumed from that step
@@ -132,18 +134,27 @@ def test_launcher_setup_finds_the_first_nodes_address(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_local_launcher_sweep(shards, tmp_path):
     """hydra/launcher=local: the points run as submitit jobs on this machine, each in its own directory,
-    each a 2-rank data-parallel run (launch/env.py reads submitit's local task variables)."""
+    each a 2-rank data-parallel run (launch/env.py reads submitit's local task variables); the console gets a
+    line as each point finishes, each wandb run is named by its learning rate, and no empty folder is left."""
     sweep = tmp_path / "local_sweep"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and not k.startswith("WANDB_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", NETRC=os.devnull, PYTHONPATH=str(REPO))
     proc = subprocess.run([str(BIN / "gal-train"), "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
                            f"run_dir={sweep}",
                            f"data.path={shards}", "model=tiny-2l", "trainer.global_batch_tokens=128",
-                           "trainer.max_tokens=256", "validation.enabled=false", "logger.wandb=false",
+                           "trainer.max_tokens=256", "validation.enabled=false", "logger.wandb=true",
                            "logger.console=false", "optim.lr_max=1e-3,2e-3"],
-                          cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    progress = sorted(line.split("] ", 1)[-1] for line in proc.stdout.splitlines() if "] sweep " in line)
+    assert [line[:15] for line in progress] == ["sweep 1/2 done:", "sweep 2/2 done:"], proc.stdout[-3000:]
     for run, lr_max in zip([sweep / "0", sweep / "1"], LRS):
         (start,) = rows(run, "start")
         assert (start["world_size"], start["dp_size"]) == (2, 2)
         assert f"lr_max: {lr_max}" in (run / "config.yaml").read_text()
         assert rows(run, "done")[0]["step"] == 2
+        (line,) = [x for x in progress if f": optim.lr_max={lr_max} → loss " in x]
+        assert line.endswith(f" after 2 steps, {run}")
+        record = wandb_run_record(run)
+        assert (record["display_name"], record["run_group"]) == (f"optim.lr_max={lr_max}", "local_sweep")
+    assert [p.name for p in (sweep / ".submitit").iterdir() if not p.name.isdigit()] == []  # no '%j'
