@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: prepare the built-in sample corpus once (512-token sequences, 8k vocabulary), then
-# train the 2-layer model for 2 epochs on the CPU: a few minutes on 2 cores.
+# train the 2-layer model for 2 epochs on the CPU (a few minutes on 2 cores), and draw it (RUN_DIR/report/).
 SAMPLE_SHARDS  ?= data/sample_shards
 TRAIN_RUN_DIR  ?= runs/make-train-$(shell date +%Y%m%d-%H%M%S)
 TRAIN_ARGS     ?= model=tiny-2l trainer.max_epochs=2
@@ -32,6 +32,7 @@ TRAIN_ARGS     ?= model=tiny-2l trainer.max_epochs=2
 train: $(STAMP)
 	grep -qs galactica-shards-v2 $(SAMPLE_SHARDS)/manifest.json || $(VENV)/bin/gal-prepare shards.seq_len=512 output=$(SAMPLE_SHARDS) overwrite=true
 	$(VENV)/bin/gal-train data.path=$(SAMPLE_SHARDS) run_dir=$(TRAIN_RUN_DIR) $(TRAIN_ARGS)
+	$(VENV)/bin/gal-report $(TRAIN_RUN_DIR)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -22,6 +22,7 @@ def test_make_train_finishes_and_the_loss_falls(tmp_path):
     assert last < first - 2.0, (first, last)  # from ~ln(8000) = 9.0 to well below 7
     assert (run_dir / "checkpoints" / "latest").exists()
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (run_dir / "report" / "double_descent.png").stat().st_size > 10_000  # make train ends with gal-report
     assert "epoch_end" in proc.stdout
     # quiet: no third-party start-up noise or warnings on the console (it is in train.log)
     console = proc.stdout + proc.stderr
