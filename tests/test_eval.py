@@ -7,15 +7,12 @@ SMILES-bearing document must tokenize in lm-eval to the ids the shards hold.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO, events, train
+from helpers import events, run_cli, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.trainer]
 LIMIT = 12  # documents per task
@@ -25,10 +22,7 @@ LIMIT = 12  # documents per task
 def shards(tmp_path_factory):
     """gal-prepare of the built-in sample (docstrings, molecules), 256-token samples."""
     out = tmp_path_factory.mktemp("eval") / "shards"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "pretrain.prepare", "shards.seq_len=256", f"output={out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("shards.seq_len=256", f"output={out}")
     return out
 
 

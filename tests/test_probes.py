@@ -13,7 +13,7 @@ import torch
 from rdkit import Chem
 from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
-from helpers import REPO, make_cfg, write_run
+from helpers import REPO, make_cfg, run_cli, write_run
 
 from model import GalacticaLM, parallel
 from pretrain.config import ValidationConf, model_preset
@@ -99,10 +99,7 @@ def test_molecules_template_renders_the_rdkit_formula():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("probes") / "shards"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-m", "pretrain.prepare", "shards.seq_len=256", f"output={out}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli("shards.seq_len=256", f"output={out}")
     return out
 
 
