@@ -10,7 +10,7 @@ They are written as lm-eval task YAMLs under ``OUT/tasks``. The model is lm-eval
 project's tokenization (escaped sequence spans, documents after ``</s>``).
 
 Results go to ``OUT/results.json`` (OUT: ``RUN_DIR/eval/<tag>``, or ``HF_DIR/eval``) and, for a run, to
-its ``metrics.jsonl`` as an ``lm_eval`` event at the checkpoint's step.
+its ``metrics.jsonl`` as an ``lm_eval`` event at the checkpoint's step, and to its wandb run when it logs to wandb.
 """
 from __future__ import annotations
 
@@ -47,13 +47,34 @@ def run(target: str | Path, tasks: list[str], data: str | None = None, out: str 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if tag_dir is not None:
-        with open(target / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"event": "lm_eval", "step": int(tag_dir.name.removeprefix("step")),
-                                "tag": tag_dir.name, "scores": scores}) + "\n")
+        record_in_run(target, tag_dir, scores)
     for task, metrics in scores.items():
         print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"results: {out_dir / 'results.json'}")
     return scores
+
+
+def record_in_run(run_dir: Path, tag_dir: Path, scores: dict) -> None:
+    """The scores as an ``lm_eval`` event in the run's metrics.jsonl and, when the run logs to wandb, in its
+    wandb run (resumed: ``lm_eval/<task>/<metric>`` at the checkpoint's tokens_seen, and the summary)."""
+    from dataclasses import asdict
+
+    from pretrain import export
+    from pretrain.analysis.records import read_metrics
+    from pretrain.trainer.metrics import init_wandb
+
+    saved = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "checkpoint" and r.get("tag") == tag_dir.name]
+    state = saved[-1] if saved else {"step": int(tag_dir.name.removeprefix("step")), "tokens_seen": None}
+    event = {"event": "lm_eval", "step": state["step"], "tokens_seen": state["tokens_seen"], "tag": tag_dir.name,
+             "scores": scores}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(event) + "\n")
+    cfg = export.load_run_config(run_dir)
+    if cfg.logger.wandb and (run := init_wandb(run_dir, asdict(cfg), cfg.logger)) is not None:
+        run.log({"tokens_seen": state["tokens_seen"],
+                 **{f"lm_eval/{task}/{k}": v for task, metrics in scores.items() for k, v in metrics.items()}})
+        run.summary["lm_eval/last"] = event
+        run.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

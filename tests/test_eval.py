@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import events, run_cli, train
+from helpers import events, run_cli, train, wandb_history
 
 pytestmark = [pytest.mark.slow, pytest.mark.trainer]
 LIMIT = 12  # documents per task
@@ -28,13 +28,15 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(shards, tmp_path_factory):
-    """A 4-step run of tiny-2l, then `gal-eval RUN_DIR --limit 12` in this process."""
+    """A 4-step run of tiny-2l (wandb offline), then `gal-eval RUN_DIR --limit 12` in this process."""
     from pretrain import eval as gal_eval
 
     run = tmp_path_factory.mktemp("eval") / "run"
-    train(1, run, shards, "trainer.global_batch_tokens=1024", "optim.warmup_tokens=1024", "trainer.max_tokens=4096",
-          "logger.wandb=false")
-    scores = gal_eval.run(run, [], limit=LIMIT, batch_size=4)
+    train(1, run, shards, "trainer.global_batch_tokens=1024", "optim.warmup_tokens=1024", "trainer.max_tokens=4096")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        scores = gal_eval.run(run, [], limit=LIMIT, batch_size=4)
     return run, scores
 
 
@@ -76,7 +78,12 @@ def test_heldout_loss_equals_the_projects_own_on_the_same_documents(evaluated, s
         assert scores[f"gal_heldout_{source}"]["nats_per_token"] == pytest.approx(want, abs=1e-4)
     assert 0.0 <= scores["gal_smiles_to_formula"]["formula_exact_match"] <= 1.0
     assert json.loads((out / "results.json").read_text())["scores"] == scores
-    assert events(run, "lm_eval")[-1] == {"event": "lm_eval", "step": 4, "tag": "step00000004", "scores": scores}
+    assert events(run, "lm_eval")[-1] == {"event": "lm_eval", "step": 4, "tokens_seen": 4096, "tag": "step00000004",
+                                          "scores": scores}
+    # and in the run's own (offline) wandb run, at the checkpoint's tokens_seen
+    run_file = max(run.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    rows = [r for r in wandb_history(run_file) if "lm_eval/gal_heldout_docstrings/nats_per_token" in r]
+    assert rows and rows[-1]["tokens_seen"] == 4096
 
 
 def test_a_smiles_document_tokenizes_in_lm_eval_as_in_the_shards(evaluated, shards):

@@ -10,7 +10,7 @@ wandb (``logger.*``, conf/logger/wandb.yaml) mirrors it, with ``tokens_seen`` as
 * **Mode** (:func:`wandb_mode`): ``WANDB_MODE`` if set, never overridden; else ``logger.mode``, whose ``auto``
   is online when a key is present (``WANDB_API_KEY``, or a ``wandb login`` that wandb itself finds) and
   offline otherwise (files under ``RUN_DIR/wandb``, ``wandb sync`` later).
-* **Never fatal** (:func:`_init_wandb`): an online start that fails or passes ``logger.init_timeout_s``
+* **Never fatal** (:func:`init_wandb`): an online start that fails or passes ``logger.init_timeout_s``
   warns on one line and goes offline; if even that fails the run goes on without wandb. metrics.jsonl is
   written either way.
 * **Events** (:meth:`Metrics.event`): each is a history row with ``event/<name>`` = 1 at its ``tokens_seen``
@@ -55,7 +55,7 @@ class Metrics:
         self._truncate_after(resume_step)
         self.file = open(self.path, "a", buffering=1)
         if logger.wandb:
-            self.wandb_run = _init_wandb(Path(run_dir), config, logger)
+            self.wandb_run = init_wandb(Path(run_dir), config, logger)
 
     def _truncate_after(self, step: int) -> None:
         """Drop rows of steps after ``step`` (written by a run that stopped before its next checkpoint)."""
@@ -164,7 +164,7 @@ def _wandb_login_found() -> bool:
         return False
 
 
-def _init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
+def init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
     """The wandb run, or None: a wandb that fails to start never stops training (module docstring)."""
     mode = wandb_mode(logger.mode)
     if mode == "disabled":
