@@ -32,15 +32,9 @@ NOISE_LOGGERS = (NOISE_LOGGER, "compilers")  # setuptools' compiler probes: Deep
 CHATTY_LOGGERS = ("megatron",)  # their INFO lines ("Detected Megatron Core", ...): file only; warnings shown
 
 
-def quiet_third_party() -> None:
-    """Known third-party start-up noise goes to the log file, not the console: the NOISE_WARNINGS, the gcc
-    probes of DeepSpeed's op checks, DeepSpeed's "Setting accelerator to CPU" guess (said instead with
-    DS_ACCELERATOR=cpu where there is no GPU) and what DeepSpeed prints while it builds its CPU ops
-    (:func:`third_party_output`). Call before importing torch's, DeepSpeed's or megatron's modules."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def _hide_noise_warnings() -> None:
+    """NOISE_WARNINGS go to the NOISE_LOGGER instead of stderr (installed when this module is imported:
+    every gal-* command imports it before torch, DeepSpeed or megatron-core)."""
     log, shown = logging.getLogger(NOISE_LOGGER), warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -50,6 +44,20 @@ def quiet_third_party() -> None:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
+
+
+_hide_noise_warnings()
+
+
+def quiet_third_party() -> None:
+    """Known third-party start-up noise goes to the log file (if any), not the console: the NOISE_WARNINGS,
+    the gcc probes of DeepSpeed's op checks, megatron-core's INFO lines, DeepSpeed's "Setting accelerator
+    to CPU" guess (said instead with DS_ACCELERATOR=cpu where there is no GPU) and what DeepSpeed prints
+    while it builds its CPU ops (:func:`third_party_output`). Call once logging is set up, before the run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for handler in logging.getLogger().handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.addFilter(_for_the_console)

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pretrain.cli import fail
+from pretrain.cli import fail, quiet_third_party
 from pretrain.config import ConfigError
 
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="at most this many documents per task")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         run(args.target, args.tasks, data=args.data, out=args.out, tag=args.tag, limit=args.limit,
             batch_size=args.batch_size)

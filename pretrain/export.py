@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pretrain.cli import fail
+from pretrain.cli import fail, quiet_third_party
 from pretrain.config import ConfigError
 from pretrain.trainer import checkpoint
 
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                        "tokenizer is an error)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         export(args.run_dir, args.out_dir, tag=args.tag, tokenizer=args.tokenizer, overwrite=args.overwrite,
                no_tokenizer=args.no_tokenizer)
