@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BIN, REPO, cli_error, synthetic_shards, torchrun, train, train_env
+from helpers import BIN, REPO, cli_error, events, synthetic_shards, torchrun, train, train_env
 from pretrain import export
 from pretrain.config import ConfigError
 from pretrain.tokenizer import GalacticaTokenizer
@@ -46,6 +46,34 @@ def zero3_tp2_run(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("zero3_tp2") / "run"
     train(2, run, shards, "deepspeed=zero3", "trainer.tensor_parallel=2", *TRAIN)
     return run
+
+
+@pytest.mark.multirank
+def test_a_bf16_run_exports_its_fp32_master_weights(shards, tmp_path):
+    """deepspeed.precision=bf16 (DeepSpeed's bf16 mode on the CPU): the export holds the fp32 master weights,
+    and transformers' fp32 logits are the engine's bf16 logits within bf16's rounding."""
+    from transformers import OPTForCausalLM
+
+    run = tmp_path / "run"
+    train(2, run, shards, "deepspeed=zero2", "deepspeed.precision=bf16", *TRAIN)
+    assert events(run, "start")[0]["precision"] == "bf16"
+    input_ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.save(input_ids, tmp_path / "inputs.pt")
+    torchrun(2, REPO / "tests" / "dist" / "export_engine_logits.py", str(run), str(tmp_path / "inputs.pt"),
+             str(tmp_path / "engine_logits.pt"), env={"WANDB_SILENT": "true"})
+    engine_logits = torch.load(tmp_path / "engine_logits.pt")
+    assert engine_logits.dtype == torch.bfloat16
+    proc = gal_export(run, tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full = export.consolidate(run / "checkpoints" / "step00000003")
+    assert all(t.dtype == torch.float32 for t in full.values())
+    # the master weights are not bf16-representable after 3 AdamW steps: they are fp32, not upcast bf16
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in full.values())
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = hf(input_ids).logits
+    err = (hf_logits - engine_logits.float()).abs().max().item()
+    assert err < 0.05 * hf_logits.abs().max().item(), f"bf16 engine logits differ from fp32 HF logits by {err:.3g}"
 
 
 def gal_export(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

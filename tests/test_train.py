@@ -49,6 +49,7 @@ LAYOUTS = {
     "zero2": (2, ["deepspeed=zero2"]),
     "zero3": (2, ["deepspeed=zero3"]),
     "tp2_dp2_zero2": (4, ["deepspeed=zero2", "trainer.tensor_parallel=2"]),
+    "zero2_bf16": (2, ["deepspeed=zero2", "deepspeed.precision=bf16"]),  # the GPU's precision path, on the CPU
 }
 
 
@@ -221,6 +222,16 @@ def test_nan_loss_skips_the_update_and_k_in_a_row_stop_cleanly(shards, tmp_path)
     assert stopped and "3 bad steps in a row" in stopped[0]["reason"]
     assert steps(run)[-1]["step"] == 5
     assert (run / "checkpoints" / "latest").read_text() == "step00000005"
+
+
+def test_a_nan_loss_in_bf16_skips_the_update_too(shards, tmp_path):
+    run = tmp_path / "bf16"  # DeepSpeed's bf16 mode (the GPU's precision path) on the CPU
+    train(1, run, shards, "trainer.max_tokens=640", "trainer.inject_nan_at_steps=[3]", "deepspeed.precision=bf16",
+          "logger.wandb=false")
+    rows = steps(run)
+    assert rows[2]["skipped"] == "non-finite loss" and rows[2]["loss"] is None
+    assert rows[-1]["skipped_steps"] == 1 and all(r["loss"] is not None for r in rows[3:])
+    assert events(run, "start")[0]["precision"] == "bf16"
 
 
 def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):

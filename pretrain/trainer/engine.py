@@ -1,7 +1,8 @@
 """The DeepSpeed engine: its JSON config from the Hydra groups, the optimizer groups, the LR schedule.
 
 * ZeRO stage 1, 2 or 3 (``deepspeed.zero_stage``), optional CPU offload of optimizer states and
-  (stage 3) parameters; bf16 on GPU, fp32 on CPU (``deepspeed.precision=auto``).
+  (stage 3) parameters; ``deepspeed.precision=auto``: bf16 on GPU, fp32 on CPU; ``bf16`` also runs on the
+  CPU (DeepSpeed's bf16 mode: bf16 weights and activations, fp32 master weights and optimizer states).
 * AdamW with Galactica's betas (0.9, 0.95), weight decay 0.1 on the matmul weights only (not on
   LayerNorm weights, embeddings or biases), gradient clipping by DeepSpeed.
 * LR: pretrain/trainer/schedule.py, handed to ``deepspeed.initialize`` as a LambdaLR.
@@ -21,11 +22,10 @@ NEVER = 2**31 - 1
 
 
 def precision(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16 or fp32: ``deepspeed.precision``, with ``auto`` bf16 on a GPU and fp32 on the CPU."""
     p = cfg.deepspeed.precision
     if p == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if p == "bf16" and device.type != "cuda":
-        raise ConfigError("deepspeed.precision=bf16 needs a GPU; the CPU path trains in fp32")
     return p
 
 

@@ -301,7 +301,8 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
                       zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
                       seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
                       train_samples=shapes.num_samples, device=str(device), resumed=bool(start),
-                      init_from=None if start else cfg.model.init_from, mfu_peak=peak_source,
+                      init_from=None if start else cfg.model.init_from,
+                      precision=ds_engine.precision(cfg, device), mfu_peak=peak_source,
                       drills=drills.active)
         schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
         validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,
