@@ -176,7 +176,8 @@ def init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
     id_file.write_text(run_id)
     before = set((run_dir / "wandb").glob("run-*"))
     try:  # pass no mode when WANDB_MODE is set: wandb reads it itself
-        return _start_wandb(run_dir, config, logger, run_id, None if os.environ.get("WANDB_MODE") else mode)
+        return _start_wandb(run_dir, config, logger, run_id, None if os.environ.get("WANDB_MODE") else mode,
+                            logger.init_timeout_s)
     except Exception as e:  # noqa: BLE001 (wandb raises CommError, UsageError, AuthenticationError, timeouts, ...)
         error = _one_line(e)
     if mode != "online":
@@ -187,17 +188,18 @@ def init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
     wandb.teardown()  # the failed attempt still holds the run id in wandb's service
     for folder in set((run_dir / "wandb").glob("run-*")) - before:  # the failed attempt's run folder, no data
         shutil.rmtree(folder, ignore_errors=True)
-    try:
-        return _start_wandb(run_dir, config, logger, run_id, "offline")
+    try:  # with wandb's own timeout: logger.init_timeout_s bounds the wait for a server, not a local start
+        return _start_wandb(run_dir, config, logger, run_id, "offline", init_timeout_s=None)
     except Exception as e:  # noqa: BLE001
         _warn(f"wandb did not start offline either ({_one_line(e)}): this run logs to metrics.jsonl only")
         return None
 
 
-def _start_wandb(run_dir: Path, config: dict, logger: LoggerConf, run_id: str, mode: str | None):
+def _start_wandb(run_dir: Path, config: dict, logger: LoggerConf, run_id: str, mode: str | None,
+                 init_timeout_s: float | None):
     import wandb
 
-    timeout = {} if logger.init_timeout_s is None else {"init_timeout": float(logger.init_timeout_s)}
+    timeout = {} if init_timeout_s is None else {"init_timeout": float(init_timeout_s)}
     run = wandb.init(project=logger.project, group=logger.group, name=logger.name or run_dir.name, id=run_id,
                      resume="allow", dir=str(run_dir), mode=mode, config=config,
                      settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, **timeout))
