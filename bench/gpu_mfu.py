@@ -67,7 +67,9 @@ def micro_batches(args) -> dict[str, int]:
     return out
 
 
-def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
+def run_one(size: str, mode: str, micro_batch: int, args, device=None) -> dict:
+    """One size and step kind on ``device`` (default: the first GPU; bench/gpu_check.py --dry-run passes the
+    CPU, where flash attention does not exist and SDPA picks its own kernel)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -76,7 +78,10 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
     from pretrain.config import TrainConfig, model_preset
     from pretrain.trainer.throughput import peak_flops
 
-    device = torch.device("cuda", 0)
+    device = device or torch.device("cuda", 0)
+    cuda = device.type == "cuda"
+    attention = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if cuda else contextlib.nullcontext
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     parallel.manual_seed(0)
     config = model_preset(size, vocab_size=args.vocab, dropout=0.0, attention_dropout=0.0)
     model = GalacticaLM(config).to(device)  # with CUDA megatron already builds every weight on the GPU
@@ -95,7 +100,7 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
 
         def step() -> float:
             for _ in range(args.grad_accum):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                with attention():
                     loss = engine(inputs, labels)
                     engine.backward(loss)
                 engine.step()
@@ -104,11 +109,11 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
         if mode == "bf16":
             model = model.to(torch.bfloat16)
         optimizer = torch.optim.AdamW(ds_engine.param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), fused=True)
-        amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if mode == "autocast" else contextlib.nullcontext
+        amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mode == "autocast" else contextlib.nullcontext
 
         def step() -> float:
             for _ in range(args.grad_accum):
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                with attention():
                     with amp():
                         loss = model(inputs, labels)
                     (loss / args.grad_accum).backward()
@@ -119,16 +124,16 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
 
     times, losses = [], []
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         loss = step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     step_s = statistics.median(times[args.warmup:])
     tokens = micro_batch * args.grad_accum * args.seq_len
     tps = tokens / step_s
-    peak, source = peak_flops(device)
+    peak, source = peak_flops(device, "bf16")
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
     elif peak is None:
@@ -137,7 +142,8 @@ def run_one(size: str, mode: str, micro_batch: int, args) -> dict:
             "seq_len": args.seq_len, "params": model.num_parameters(),
             "step_s": step_s, "tokens_per_s": tps, "tflops": tps * flops_per_token / 1e12,
             "mfu": tps * flops_per_token / peak, "peak_tflops": peak / 1e12, "first_loss": losses[0],
-            "last_loss": losses[-1], "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "last_loss": losses[-1], "peak_source": source,
+            "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
 
 
 def main() -> None:

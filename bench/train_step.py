@@ -1,9 +1,10 @@
 """Tokens/s of the full training step (DeepSpeed ZeRO-2 engine + EpochLoader over real shards) on 1
-and 2 ranks, against the plain-PyTorch reference step, and the loader's throughput against the
-step's demand.
+and 2 ranks, in fp32 and in DeepSpeed's bf16 mode, against the plain-PyTorch reference step in the same
+precision, and the loader's throughput against the step's demand.
 
     .venv/bin/python bench/train_step.py [--data SHARDS] [--layers 2 --d-model 512 --heads 8
-        --vocab 16000 --micro-batch 4 --global-batch 8 --warmup 1 --steps 3 --repeats 2]
+        --vocab 16000 --micro-batch 4 --global-batch 8 --warmup 1 --steps 3 --repeats 2
+        --precisions fp32,bf16]
 
 * Shards: ``--data`` (a gal-prepare output, e.g. ``gal-prepare shards.seq_len=512 output=DIR``); by
   default the script runs ``gal-prepare`` on the built-in sample into a temporary directory.
@@ -11,11 +12,13 @@ step's demand.
   production step ``pretrain.trainer.step.train_step`` (forward/backward per micro-batch, the one
   all-reduce of loss and preemption flag, the loss guard), on the engine built by the trainer's own
   ``pretrain.trainer.setup.build_engine``. GalacticaLM (megatron-core layers, TP=1), ZeRO stage 2,
-  fp32, clipping 1.0, DeepSpeed's torch AdamW. The global batch is fixed in samples, so grad
+  ``deepspeed.precision`` fp32 or bf16 (bf16 weights and activations, fp32 master weights and AdamW
+  states), clipping 1.0, DeepSpeed's torch AdamW. The global batch is fixed in samples, so grad
   accumulation = global / (micro × ranks), as gal-train derives it.
 * Reference step: the plain nanoGPT-style model of bench/model_step.py, ``torch.optim.AdamW``
   (``--ref-adamw fused|foreach``), the same loss/accum backward per micro-batch and
-  ``clip_grad_norm_(1.0)``, on batches read from the same shards beforehand (compute only).
+  ``clip_grad_norm_(1.0)``, on batches read from the same shards beforehand (compute only); in bf16 the
+  model is ``.to(torch.bfloat16)`` (the engine's forward and backward precision; no fp32 master copy).
 * 1 rank: one process, 2 threads (``--threads``), the reference step interleaved round-robin with the
   engine step (rotating order). 2 ranks: ``torch.distributed.run --nproc-per-node=2`` over gloo,
   OMP_NUM_THREADS=1 each. The 1- and 2-rank runs alternate ``--repeats`` times (rotating order) so
@@ -53,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the 1-rank run")
     p.add_argument("--ref-adamw", choices=("fused", "foreach"), default="fused")
     p.add_argument("--loader-batches", type=int, default=200, help="global batches drained for the loader test")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)  # the worker's
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -96,7 +101,7 @@ def worker(args) -> None:
     accum = gbs // (mb * world)
 
     cfg = TrainConfig(run_dir="unused", seed=0)
-    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, "fp32"
+    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, args.precision
     cfg.optim.warmup_tokens = 0
     cfg.trainer.micro_batch_size = mb
     model_cfg = GalacticaConfig(n_layers=args.layers, d_model=args.d_model, n_heads=args.heads,
@@ -127,6 +132,8 @@ def worker(args) -> None:
     if world == 1:
         torch.manual_seed(0)
         ref = RefLM(args.layers, args.d_model, args.heads, args.vocab, max_positions=max(2048, seq_len))
+        if args.precision == "bf16":
+            ref.to(torch.bfloat16)
         opt = torch.optim.AdamW(ds_engine.param_groups(ref, cfg.optim.weight_decay), lr=cfg.optim.lr_max,
                                 betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                 **{args.ref_adamw: True})
@@ -153,10 +160,10 @@ def worker(args) -> None:
         for name, fn in steps[shift:] + steps[:shift]:
             fn()
             if rank == 0:
-                print(f"    [{world} rank{'s' if world > 1 else ''}] round {round_} {name:6s} "
+                print(f"    [{world} rank{'s' if world > 1 else ''}, {args.precision}] round {round_} {name:6s} "
                       f"{times[name][-1]:6.2f} s  loss {losses[name][-1]:.4f}", flush=True)
     loader.close()
-    result = {"world": world, "threads": args.threads, "accum": accum, "seq_len": seq_len,
+    result = {"world": world, "precision": args.precision, "threads": args.threads, "accum": accum, "seq_len": seq_len,
               "tokens_per_step": gbs * seq_len, "times": {k: v[args.warmup:] for k, v in times.items()},
               "losses": losses}
 
@@ -179,10 +186,11 @@ def worker(args) -> None:
 
 
 # ---------------------------------------------------------------- driver
-def launch(args, ranks: int) -> dict:
+def launch(args, ranks: int, precision: str) -> dict:
     threads = args.threads if ranks == 1 else 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--data", str(args.data)]
+           str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--data", str(args.data),
+           "--precision", precision]
     for flag in ("layers", "d_model", "heads", "vocab", "micro_batch", "global_batch", "warmup", "steps",
                  "ref_adamw", "loader_batches"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
@@ -215,56 +223,64 @@ def main() -> None:
                               cwd=REPO, capture_output=True, text=True)
         if prep.returncode:
             sys.exit(f"gal-prepare failed (exit {prep.returncode}):\n{prep.stderr[-4000:]}")
+    precisions = args.precisions.split(",")
     print(f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; "
-          f"micro batch {args.micro_batch}, global batch {args.global_batch} sequences; fp32; "
+          f"micro batch {args.micro_batch}, global batch {args.global_batch} sequences; {', '.join(precisions)}; "
           f"load average at start {os.getloadavg()[0]:.2f}", flush=True)
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    layouts = [(ranks, p) for p in precisions for ranks in (1, 2)]
+    runs: dict[tuple[int, str], list[dict]] = {layout: [] for layout in layouts}
     loads = [os.getloadavg()[0]]
     for rep in range(args.repeats):
-        for ranks in ((1, 2) if rep % 2 == 0 else (2, 1)):
-            print(f"  launch: {ranks} rank(s), repeat {rep}", flush=True)
-            runs[ranks].append(launch(args, ranks))
+        for ranks, p in (layouts if rep % 2 == 0 else layouts[::-1]):
+            print(f"  launch: {ranks} rank(s), {p}, repeat {rep}", flush=True)
+            runs[ranks, p].append(launch(args, ranks, p))
             loads.append(os.getloadavg()[0])
 
-    def median_step(ranks: int, kind: str) -> float:
-        return statistics.median(t for r in runs[ranks] for t in r["times"][kind])
+    def median_step(layout: tuple[int, str], kind: str) -> float:
+        return statistics.median(t for r in runs[layout] for t in r["times"][kind])
 
-    seq_len = runs[1][0]["seq_len"]
+    seq_len = runs[layouts[0]][0]["seq_len"]
     tokens = args.global_batch * seq_len
-    rows = [("plain PyTorch reference (AdamW %s + clip)" % args.ref_adamw, 1, args.threads, median_step(1, "ref")),
-            ("DeepSpeed ZeRO-2 engine + EpochLoader", 1, args.threads, median_step(1, "engine")),
-            ("DeepSpeed ZeRO-2 engine + EpochLoader", 2, 1, median_step(2, "engine"))]
-    ref_tps = tokens / rows[0][3]
     print(f"\n{tokens} tokens per optimizer step (global batch {args.global_batch} × seq {seq_len}); "
           f"load average during the runs {min(loads):.2f} - {max(loads):.2f}")
-    print(f"{'step':44s} {'ranks':>5s} {'thr/rank':>8s} {'accum':>5s} {'best s':>7s} {'median s':>9s} "
+    print(f"{'step':44s} {'prec':>5s} {'ranks':>5s} {'thr/rank':>8s} {'accum':>5s} {'best s':>7s} {'median s':>9s} "
           f"{'tokens/s':>9s} {'vs plain':>8s}")
     engine_tps = {}
-    for name, ranks, threads, step_s in rows:
-        tps = tokens / step_s
-        kind = "engine" if "engine" in name else "ref"
-        if kind == "engine":
-            engine_tps[ranks] = tps
-        best = min(t for r in runs[ranks] for t in r["times"][kind])
-        accum = runs[ranks][0]["accum"]
-        print(f"{name:44s} {ranks:5d} {threads:8d} {accum:5d} {best:7.2f} {step_s:9.2f} {tps:9.1f} {tps / ref_tps:7.2f}x")
-    # The 1-rank engine and reference steps alternate in one process: the ratio of each adjacent pair
-    # cancels slow load drift better than the ratio of the medians.
-    paired = [t_ref / t_eng for r in runs[1] for t_eng, t_ref in zip(r["times"]["engine"], r["times"]["ref"])]
-    print(f"engine vs plain, 1 rank, median of {len(paired)} paired steps: {statistics.median(paired):.2f}x "
-          f"(range {min(paired):.2f} - {max(paired):.2f})")
-    print(f"2 ranks vs 1 rank (engine): {engine_tps[2] / engine_tps[1]:.2f}x")
-    for ranks in (1, 2):
-        print(f"data wait inside the engine step ({ranks} rank(s)): median {1e3 * median_step(ranks, 'data_wait'):.2f} ms")
+    for p in precisions:
+        ref_s = median_step((1, p), "ref")
+        rows = [(f"plain PyTorch reference (AdamW {args.ref_adamw} + clip)", 1, args.threads, "ref", ref_s),
+                ("DeepSpeed ZeRO-2 engine + EpochLoader", 1, args.threads, "engine", median_step((1, p), "engine")),
+                ("DeepSpeed ZeRO-2 engine + EpochLoader", 2, 1, "engine", median_step((2, p), "engine"))]
+        for name, ranks, threads, kind, step_s in rows:
+            tps = tokens / step_s
+            if kind == "engine":
+                engine_tps[ranks, p] = tps
+            best = min(t for r in runs[ranks, p] for t in r["times"][kind])
+            accum = runs[ranks, p][0]["accum"]
+            print(f"{name:44s} {p:>5s} {ranks:5d} {threads:8d} {accum:5d} {best:7.2f} {step_s:9.2f} {tps:9.1f} "
+                  f"{ref_s / step_s:7.2f}x")
+    for p in precisions:
+        # The 1-rank engine and reference steps alternate in one process: the ratio of each adjacent pair
+        # cancels slow load drift better than the ratio of the medians.
+        paired = [t_ref / t_eng for r in runs[1, p] for t_eng, t_ref in zip(r["times"]["engine"], r["times"]["ref"])]
+        print(f"{p}: engine vs plain, 1 rank, median of {len(paired)} paired steps: {statistics.median(paired):.2f}x "
+              f"(range {min(paired):.2f} - {max(paired):.2f}); 2 ranks vs 1 rank (engine): "
+              f"{engine_tps[2, p] / engine_tps[1, p]:.2f}x")
+        for ranks in (1, 2):
+            print(f"  data wait inside the engine step ({ranks} rank(s)): median "
+                  f"{1e3 * median_step((ranks, p), 'data_wait'):.2f} ms")
+    if {"fp32", "bf16"} <= set(precisions):
+        print("engine step, bf16 vs fp32: " + ", ".join(
+            f"{ranks} rank(s) {engine_tps[ranks, 'bf16'] / engine_tps[ranks, 'fp32']:.2f}x" for ranks in (1, 2)))
 
-    loader = [r["loader"] for r in runs[1]]
+    loader = [r["loader"] for layout in layouts if layout[0] == 1 for r in runs[layout]]
     samples_s = statistics.median(x["samples_per_s"] for x in loader)
     tokens_s = statistics.median(x["tokens_per_s"] for x in loader)
     print(f"\nEpochLoader alone (prefetch 4, ShardReader via index, {loader[0]['num_samples']} samples, "
           f"{args.threads} threads): {samples_s:.0f} samples/s, {tokens_s:.0f} tokens/s")
-    for ranks in (1, 2):
-        demand = engine_tps[ranks] / ranks  # each rank's loader feeds its own slice
-        print(f"  vs demand of the {ranks}-rank engine step ({demand:.1f} tokens/s per rank): "
+    for (ranks, p), tps in engine_tps.items():
+        demand = tps / ranks  # each rank's loader feeds its own slice
+        print(f"  vs demand of the {ranks}-rank {p} engine step ({demand:.1f} tokens/s per rank): "
               f"{tokens_s / demand:.0f}x faster than needed")
     if tmp:
         tmp.cleanup()

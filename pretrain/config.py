@@ -96,7 +96,7 @@ class DeepSpeedConf:
     zero_stage: int = 2  # 0 (plain DDP), 1, 2 or 3
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
     offload_param: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 (on the CPU too) | fp32
+    precision: str = "auto"  # auto (bf16 on a GPU or a CPU with native bf16 matmul, else fp32) | bf16 | fp32
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed JSON config
 
 

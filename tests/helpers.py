@@ -92,8 +92,12 @@ def synthetic_shards(root: Path, seq_len: int, n_samples: int | dict[str, int], 
 
 # ----------------------------------------------------------------------------- the trainer in a subprocess
 # 4 samples of 32 tokens (128 tokens) a step; the tiny-2l model; dropout on, to test RNG restore.
+# fp32: the suite's trainer tests compare losses, logits and gradients with fp32 references (transformers, other
+# layouts) at 1e-5; the tests of the bf16 path add deepspeed.precision=bf16 (the later override wins), and
+# make train's test runs deepspeed.precision=auto (bf16 on a CPU with native bf16 matmul)
 TRAIN_COMMON = ["model=tiny-2l", "trainer.global_batch_tokens=128", "optim.warmup_tokens=256",
-                "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2"]
+                "model.dropout=0.1", "model.attention_dropout=0.1", "logger.console=true", "data.prefetch=2",
+                "deepspeed.precision=fp32"]
 
 
 def train_command(nproc: int, run_dir: Path, shards: Path, *overrides: str) -> list[str]:

@@ -131,11 +131,14 @@ def test_probes_in_the_validation_rows_of_a_training_run(shards, tmp_path):
          "validation=science", "trainer.global_batch_tokens=2048", "trainer.micro_batch_size=8",
          "trainer.max_tokens=8192", "optim.warmup_tokens=2048", "validation.interval_tokens=4096",
          "validation.max_samples_per_source=8", "validation.seen_samples=8", "validation.probe_smiles_samples=5",
-         "validation.probe_smiles_max_new_tokens=24", "validation.probe_max_new_tokens=12", "logger.wandb=false"],
+         "validation.probe_smiles_max_new_tokens=24", "validation.probe_max_new_tokens=12", "logger.wandb=false",
+         "deepspeed.precision=bf16"],  # the probes on the engine's bf16 weights, as on a GPU
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rounds = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "validation"]
     records = json.loads((shards / "manifest.json").read_text())["probes"]["molecules"]["records"]
+    start = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "start")
+    assert start["precision"] == "bf16"
     assert [r["step"] for r in rounds] == [0, 2, 4]  # validation.at_start: the fresh model's round too
     for r in rounds:
         p = r["probes"]

@@ -4,6 +4,7 @@ groups, the DeepSpeed JSON config and the precision rule. No DeepSpeed engine is
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_param_groups_rules():
 
 # ----------------------------------------------------------------------------- the DeepSpeed config
 def test_deepspeed_config_defaults_on_cpu():
-    from pretrain.trainer.engine import NEVER, deepspeed_config
+    from pretrain.trainer.engine import NEVER, cpu_has_native_bf16, deepspeed_config
 
     cfg = train_cfg()
     ds = deepspeed_config(cfg, micro_batch_size=2, grad_accum=3, dp_size=4, device=CPU)
@@ -176,7 +177,7 @@ def test_deepspeed_config_defaults_on_cpu():
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
                                                   "torch_adam": True, "adam_w_mode": True}},
         "zero_optimization": {"stage": 2},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": cpu_has_native_bf16()},  # deepspeed.precision=auto (test_precision)
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": NEVER,
@@ -231,13 +232,25 @@ def test_deepspeed_extra_is_merged_recursively_and_last():
     assert again == ds
 
 
-@pytest.mark.parametrize("setting, device, expected", [("auto", CPU, "fp32"), ("auto", CUDA, "bf16"),
-                                                       ("fp32", CPU, "fp32"), ("fp32", CUDA, "fp32"),
-                                                       ("bf16", CUDA, "bf16"), ("bf16", CPU, "bf16")])
-def test_precision(setting, device, expected):
-    from pretrain.trainer.engine import deepspeed_config, precision
+@pytest.mark.parametrize("setting, device, native_bf16, expected", [
+    ("auto", CPU, False, "fp32"), ("auto", CPU, True, "bf16"), ("auto", CUDA, False, "bf16"),
+    ("fp32", CPU, True, "fp32"), ("fp32", CUDA, False, "fp32"), ("bf16", CUDA, False, "bf16"),
+    ("bf16", CPU, False, "bf16")])
+def test_precision(setting, device, native_bf16, expected, monkeypatch):
+    """auto: bf16 on a GPU and on a CPU that multiplies bf16 in hardware, else fp32; an explicit setting wins."""
+    from pretrain.trainer import engine
 
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native_bf16)  # the CPU rule without that CPU
     cfg = train_cfg(f"deepspeed.precision={setting}")
-    assert precision(cfg, device) == expected
-    ds = deepspeed_config(cfg, micro_batch_size=1, grad_accum=1, dp_size=1, device=device)
+    chosen, why = engine.choose_precision(cfg, device)
+    assert chosen == expected and why.startswith(setting if setting == "auto" else f"deepspeed.precision={setting}")
+    ds = engine.deepspeed_config(cfg, micro_batch_size=1, grad_accum=1, dp_size=1, device=device)
     assert ds["bf16"] == {"enabled": expected == "bf16"}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from Linux's /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    from pretrain.trainer.engine import cpu_has_native_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)

@@ -77,11 +77,16 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses_bit_for_bit(layout,
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(shards, tmp_path):
+@pytest.mark.parametrize("precision, rel", [("fp32", 1e-5), ("bf16", 1e-2)])
+def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(precision, rel, shards, tmp_path):
     run = tmp_path / "run"
-    args = ["deepspeed=zero2", "data.record_sample_ids=true", "logger.wandb=false"]
-    train(2, run, shards, *args, "trainer.max_tokens=512")  # 4 of the epoch's 10 steps, on 2 ranks
-    train(1, run, shards, *args, "trainer.max_epochs=1")  # the rest, on 1 rank, via a universal checkpoint
+    args = ["deepspeed=zero2", f"deepspeed.precision={precision}", "data.record_sample_ids=true", "logger.wandb=false",
+            "model.dropout=0.0", "model.attention_dropout=0.0"]  # no dropout: its masks depend on the rank
+    # 5 of the epoch's 10 steps on 2 ranks, a checkpoint after step 4
+    train(2, run, shards, *args, "trainer.max_tokens=640", "checkpoint.interval_tokens=512")
+    step5_on_two = steps(run)[4]["loss"]
+    # the rest on 1 rank from step 4, via a universal checkpoint (DeepSpeed's ds_to_universal)
+    train(1, run, shards, *args, "trainer.max_epochs=1", f"resume={run / 'checkpoints' / 'step00000004'}")
     assert (run / "checkpoints" / "universal" / "step00000004").is_dir()
     rows = [json.loads(x) for x in (run / "sample_ids.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
@@ -90,6 +95,10 @@ def test_resume_on_one_rank_from_two_consumes_every_sample_of_the_epoch_once(sha
     assert [r["epoch"] for r in steps(run)][-1] == 1.0
     start = events(run, "start")
     assert [s["world_size"] for s in start] == [2, 1] and [s["grad_accum"] for s in start] == [2, 4]
+    assert [s["precision"] for s in start] == [precision] * 2
+    # step 5 on 1 rank is step 5 on 2: the same samples on the weights the conversion carried over (in bf16:
+    # DeepSpeed's fp32 master weights, recast); only the summation order differs
+    assert steps(run)[4]["loss"] == pytest.approx(step5_on_two, rel=rel)
 
 
 MIXTURE = ["+data.mixture={big:0.8,small:0.2}", "data.repeat.source=big", "data.repeat.samples=3",
@@ -232,6 +241,25 @@ def test_a_nan_loss_in_bf16_skips_the_update_too(shards, tmp_path):
     assert rows[2]["skipped"] == "non-finite loss" and rows[2]["loss"] is None
     assert rows[-1]["skipped_steps"] == 1 and all(r["loss"] is not None for r in rows[3:])
     assert events(run, "start")[0]["precision"] == "bf16"
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_bf16_trains_alike_under_zero1_zero3_and_tensor_parallel(shards, tmp_path):
+    """DeepSpeed's bf16 mode on the CPU under the other layouts: one model, one batch order, so the same
+    losses up to bf16's rounding (the reductions and partitions differ; no dropout)."""
+    layouts = {"zero1": ["deepspeed=zero1"], "zero3": ["deepspeed=zero3"],
+               "tp2": ["deepspeed=zero2", "trainer.tensor_parallel=2"]}
+    losses = {}
+    for name, extra in layouts.items():
+        run = tmp_path / name
+        train(2, run, shards, *extra, "deepspeed.precision=bf16", "trainer.max_tokens=384", "model.dropout=0.0",
+              "model.attention_dropout=0.0", "logger.wandb=false")
+        assert events(run, "start")[0]["precision"] == "bf16"
+        losses[name] = [r["loss"] for r in steps(run)]
+    assert len(losses["zero1"]) == 3 and losses["zero1"][-1] < losses["zero1"][0]
+    for name in ("zero3", "tp2"):
+        assert losses[name] == pytest.approx(losses["zero1"], rel=1e-2), name
 
 
 def test_epochs_and_wandb_offline_run_read_back_with_wandb(shards, tmp_path):

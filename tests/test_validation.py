@@ -26,7 +26,8 @@ def three_epochs(tmp_path_factory):
     assert prep.returncode == 0, prep.stderr[-3000:]
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", f"data.path={shards}", f"run_dir={run}",
                            "model=tiny-2l", "trainer.global_batch_tokens=4096", "trainer.micro_batch_size=8", "trainer.max_epochs=3",
-                           "optim.warmup_tokens=8192", "validation.seen_samples=16", "logger.wandb=true"],
+                           "optim.warmup_tokens=8192", "validation.seen_samples=16", "logger.wandb=true",
+                           "deepspeed.precision=bf16"],  # validation and the detector on the GPU's precision path
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return shards, run

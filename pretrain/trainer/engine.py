@@ -1,8 +1,9 @@
 """The DeepSpeed engine: its JSON config from the Hydra groups, the optimizer groups, the LR schedule.
 
 * ZeRO stage 1, 2 or 3 (``deepspeed.zero_stage``), optional CPU offload of optimizer states and
-  (stage 3) parameters; ``deepspeed.precision=auto``: bf16 on GPU, fp32 on CPU; ``bf16`` also runs on the
-  CPU (DeepSpeed's bf16 mode: bf16 weights and activations, fp32 master weights and optimizer states).
+  (stage 3) parameters. ``deepspeed.precision``: DeepSpeed's bf16 mode (bf16 weights and activations, fp32
+  master weights and optimizer states) or fp32; ``auto`` takes bf16 on a GPU and on a CPU with native bf16
+  matmul (AVX-512 BF16 or AMX), fp32 on any other CPU (:func:`choose_precision`).
 * AdamW with Galactica's betas (0.9, 0.95), weight decay 0.1 on the matmul weights only (not on
   LayerNorm weights, embeddings or biases), gradient clipping by DeepSpeed.
 * LR: pretrain/trainer/schedule.py, handed to ``deepspeed.initialize`` as a LambdaLR.
@@ -14,19 +15,35 @@ import torch
 
 from model import parallel
 from pretrain.cli import third_party_output
-from pretrain.config import ConfigError, TrainConfig
+from pretrain.config import TrainConfig
 from pretrain.trainer.schedule import lr_lambda, warmup_steps
 
 # DeepSpeed prints a line every ``steps_per_print`` steps; the run logs its own (pretrain/trainer/metrics.py)
 NEVER = 2**31 - 1
 
 
-def precision(cfg: TrainConfig, device: torch.device) -> str:
-    """bf16 or fp32: ``deepspeed.precision``, with ``auto`` bf16 on a GPU and fp32 on the CPU."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (x86 AVX-512 BF16 or AMX-BF16, what oneDNN's
+    bf16 matmul uses); elsewhere bf16 is emulated and slower than fp32."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def choose_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
+    """(bf16 or fp32, why): ``deepspeed.precision``, ``auto`` resolved for ``device``."""
     p = cfg.deepspeed.precision
-    if p == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return p
+    if p != "auto":
+        return p, f"deepspeed.precision={p}"
+    if device.type == "cuda":
+        return "bf16", "auto: bf16 on a GPU"
+    if cpu_has_native_bf16():
+        return "bf16", "auto: this CPU has native bf16 matmul (AVX-512 BF16 or AMX)"
+    return "fp32", "auto: this CPU has no native bf16 matmul (AVX-512 BF16 or AMX), so fp32"
+
+
+def precision(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16 or fp32 (:func:`choose_precision`)."""
+    return choose_precision(cfg, device)[0]
 
 
 def deepspeed_config(cfg: TrainConfig, *, micro_batch_size: int, grad_accum: int, dp_size: int,

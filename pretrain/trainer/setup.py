@@ -295,14 +295,15 @@ def build_run(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> Run:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             (run_dir / "deepspeed_config.json").write_text(json.dumps(info.ds_config, indent=2))
         metrics = Metrics(run_dir, enabled=is_main, config=asdict(cfg), logger=cfg.logger, resume_step=state.step)
-        peak, peak_source = peak_flops(device)
+        precision, precision_why = ds_engine.choose_precision(cfg, device)
+        peak, peak_source = peak_flops(device, precision)
         metrics.event("start", step=state.step, tokens_seen=state.tokens_seen, params=info.params,
                       world_size=dist.get_world_size(), dp_size=parallel.dp_size(), tp_size=parallel.tp_size(),
                       zero_stage=cfg.deepspeed.zero_stage, global_batch=shapes.global_batch, grad_accum=shapes.grad_accum,
                       seq_len=shapes.seq_len, total_steps=shapes.total_steps, warmup_steps=info.warmup_steps,
                       train_samples=shapes.num_samples, device=str(device), resumed=bool(start),
                       init_from=None if start else cfg.model.init_from,
-                      precision=ds_engine.precision(cfg, device), mfu_peak=peak_source,
+                      precision=precision, precision_why=precision_why, mfu_peak=peak_source,
                       drills=drills.active)
         schedule = ValidationSchedule(cfg.validation, shapes.tokens_per_epoch)
         validator = Validator(cfg.validation, data.path, data.manifest, data.train, data.streams, seed=cfg.data.seed,

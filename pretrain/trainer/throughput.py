@@ -3,7 +3,8 @@
 MFU = achieved model FLOPs / peak FLOPs of the devices (PaLM's definition; the model's FLOPs per
 token from ``GalacticaLM.flops_per_token``). The peak of a GPU is its dense bf16 datasheet number; a
 GPU not in the table gets no invented peak: MFU is left empty and the start event says why. On the
-CPU, which has no single datasheet number, the peak is the fp32 matmul rate measured at start.
+CPU, which has no single datasheet number, the peak is the matmul rate measured at start in the run's
+precision (bf16 or fp32).
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 CPU_GEMM_SIZE, CPU_GEMM_REPEATS = 1024, 5  # the CPU peak: best of 5 timed 1024³ matmuls
 
 
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where the number comes from); (None, why) when unknown."""
+def peak_flops(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for ``precision``, where the number comes from); (None, why) when unknown.
+    A GPU's is its bf16 datasheet number (DeepSpeed's bf16 mode multiplies in bf16)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in DENSE_BF16_PEAK.items():
@@ -27,13 +29,14 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
                 return flops, f"{key} dense bf16 datasheet"
         return None, f"no datasheet peak for {name!r} (pretrain/trainer/throughput.py DENSE_BF16_PEAK): MFU not reported"
     n = CPU_GEMM_SIZE
-    a = torch.full((n, n), 0.5)  # no RNG draw: the run's random streams must not depend on this
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.full((n, n), 0.5, dtype=dtype)  # no RNG draw: the run's random streams must not depend on this
     best = float("inf")
     for _ in range(CPU_GEMM_REPEATS):
         t = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best, f"fp32 {n}³ matmul measured on this CPU"
+    return 2 * n**3 / best, f"{precision} {n}³ matmul measured on this CPU"
 
 
 class StepTimer:

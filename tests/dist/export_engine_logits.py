@@ -27,9 +27,9 @@ def main(run_dir: str, inputs_path: str, result_path: str) -> None:
     checkpoint.load(engine, run_dir / "checkpoints")
     engine.module.eval()
     with torch.no_grad():
-        logits = engine(torch.load(inputs_path))  # no labels: logits gathered over the TP ranks
+        logits = engine(torch.load(inputs_path).to(device))  # no labels: logits gathered over the TP ranks
     if dist.get_rank() == 0:
-        torch.save(logits, result_path)
+        torch.save(logits.cpu(), result_path)
     dist.barrier()
 
 
