@@ -35,7 +35,7 @@ train: $(STAMP)
 	$(VENV)/bin/gal-report $(TRAIN_RUN_DIR)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 # markers: pyproject.toml [tool.pytest.ini_options]
 test-fast: $(STAMP)

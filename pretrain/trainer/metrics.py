@@ -188,11 +188,19 @@ def init_wandb(run_dir: Path, config: dict, logger: LoggerConf):
     wandb.teardown()  # the failed attempt still holds the run id in wandb's service
     for folder in set((run_dir / "wandb").glob("run-*")) - before:  # the failed attempt's run folder, no data
         shutil.rmtree(folder, ignore_errors=True)
-    try:  # with wandb's own timeout: logger.init_timeout_s bounds the wait for a server, not a local start
-        return _start_wandb(run_dir, config, logger, run_id, "offline", init_timeout_s=None)
-    except Exception as e:  # noqa: BLE001
-        _warn(f"wandb did not start offline either ({_one_line(e)}): this run logs to metrics.jsonl only")
-        return None
+    # The run's id first (a resumed run stays one wandb run); a fresh one if wandb's service still holds that
+    # id for the attempt that timed out ("run ID ... is in use", seen on a loaded machine). With wandb's own
+    # timeout: logger.init_timeout_s bounds the wait for a server, not a local start.
+    for offline_id in (run_id, uuid.uuid4().hex[:12]):
+        try:
+            run = _start_wandb(run_dir, config, logger, offline_id, "offline", init_timeout_s=None)
+        except Exception as e:  # noqa: BLE001
+            error = _one_line(e)
+            continue
+        id_file.write_text(offline_id)
+        return run
+    _warn(f"wandb did not start offline either ({error}): this run logs to metrics.jsonl only")
+    return None
 
 
 def _start_wandb(run_dir: Path, config: dict, logger: LoggerConf, run_id: str, mode: str | None,
