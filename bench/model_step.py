@@ -133,6 +133,10 @@ def gemm_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int =
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if x is not None else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
@@ -188,10 +192,9 @@ def main() -> None:
         for kind, r in rows.items():
             r["vs_plain"] = r["tokens_per_s"] / rows["plain"]["tokens_per_s"] if "plain" in rows else None
             r["vs_hf_opt"] = r["tokens_per_s"] / rows["hf_opt"]["tokens_per_s"] if "hf_opt" in rows else None
-            ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
             print(f"{kind:10s} {r['tokens_per_s']:9.1f} {r['best_step_s']:7.2f} {r['median_step_s']:9.2f} "
-                  f"{r['gflops']:8.1f} {100 * r['fraction_of_gemm_peak']:6.1f}% {ratio(r['vs_plain']):>8s} "
-                  f"{ratio(r['vs_hf_opt']):>9s}")
+                  f"{r['gflops']:8.1f} {100 * r['fraction_of_gemm_peak']:6.1f}% {_ratio(r['vs_plain']):>8s} "
+                  f"{_ratio(r['vs_hf_opt']):>9s}")
     by = {(r["model"], r["precision"]): r for r in results}
     if {"fp32", "bf16"} <= set(precisions):
         print("\nbf16 vs fp32: " + ", ".join(

@@ -41,11 +41,6 @@ def choose_precision(cfg: TrainConfig, device: torch.device) -> tuple[str, str]:
     return "fp32", "auto: this CPU has no native bf16 matmul (AVX-512 BF16 or AMX), so fp32"
 
 
-def precision(cfg: TrainConfig, device: torch.device) -> str:
-    """bf16 or fp32 (:func:`choose_precision`)."""
-    return choose_precision(cfg, device)[0]
-
-
 def deepspeed_config(cfg: TrainConfig, *, micro_batch_size: int, grad_accum: int, dp_size: int,
                      device: torch.device, load_universal: bool = False) -> dict:
     d, o = cfg.deepspeed, cfg.optim
@@ -64,7 +59,7 @@ def deepspeed_config(cfg: TrainConfig, *, micro_batch_size: int, grad_accum: int
             # torch's own AdamW: no compiled DeepSpeed op needed (fused kernels on GPU via torch)
             "torch_adam": True, "adam_w_mode": True}},
         "zero_optimization": zero,
-        "bf16": {"enabled": precision(cfg, device) == "bf16"},
+        "bf16": {"enabled": choose_precision(cfg, device)[0] == "bf16"},
         "zero_allow_untested_optimizer": True,
         # the CPU path has no compiled DeepSpeedCPUAdam: offloaded states step with torch's AdamW
         "zero_force_ds_cpu_optimizer": device.type == "cuda",

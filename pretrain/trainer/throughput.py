@@ -19,7 +19,7 @@ DENSE_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e1
 CPU_GEMM_SIZE, CPU_GEMM_REPEATS = 1024, 5  # the CPU peak: best of 5 timed 1024³ matmuls
 
 
-def peak_flops(device: torch.device, precision: str = "bf16") -> tuple[float | None, str]:
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
     """(peak FLOP/s of one device for ``precision``, where the number comes from); (None, why) when unknown.
     A GPU's is its bf16 datasheet number (DeepSpeed's bf16 mode multiplies in bf16)."""
     if device.type == "cuda":
