@@ -27,6 +27,7 @@ class SourceFormat:
     template: List[str] = field(default_factory=lambda: ["{text}"])
     required: List[str] = field(default_factory=lambda: ["text"])  # missing/empty → bad input
     near_dedup: bool = True  # MinHash near-duplicate detection (off for molecules/sequences)
+    span_dedup: bool = True  # repeated spans of >= dedup.span_min_bytes cut (off for molecules/sequences)
     # Citations for `|cite` (Python re, MULTILINE; `(?x)` allows a commented one): in each match, the first
     # capturing group that took part is wrapped in [START_REF]…[END_REF] (one group per alternative form).
     citation_regex: Optional[str] = None
@@ -41,11 +42,14 @@ class CleanConf:
 
 @dataclass
 class DedupConf:
-    exact: bool = True  # drop documents whose cleaned text was seen before (any source)
-    near: bool = True  # MinHash LSH over word shingles, for sources with near_dedup: true
-    threshold: float = 0.8  # estimated Jaccard similarity at or above which a document is a near-duplicate
-    num_perm: int = 128
+    # Which copy is kept: the first in document order (source priority = the corpus config's order, then
+    # bucket and id); pretrain/data/dedup.py and spans.py say how.
+    exact: bool = True  # drop documents whose cleaned text another one has (any source)
+    near: bool = True  # datatrove's MinHash LSH over word shingles, for sources with near_dedup: true
+    minhash_bands: int = 14  # LSH bands of minhash_rows hashes: similarity ~ (1/14)**(1/8) = 0.72 and up
+    minhash_rows: int = 8
     shingle_words: int = 5
+    span_min_bytes: int = 100  # Galactica's span dedup: repeated spans this long cut at paragraphs; 0: off
 
 
 @dataclass
@@ -74,12 +78,31 @@ class ShardConf:
 
 
 @dataclass
+class SlurmConf:
+    """executor=slurm: one job array per stage (the work directory must be on a filesystem all nodes see)."""
+    partition: Optional[str] = None  # required with executor=slurm
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "24:00:00"  # per job array task
+    cpus_per_task: int = 1
+    mem_per_cpu: str = "2G"
+    env_command: Optional[str] = None  # run before each task; default: this interpreter's bin/ first on PATH
+    wait: bool = True  # wait for the shards (false: return after submitting; rerun the command to resume)
+    poll_s: float = 5.0
+
+
+@dataclass
 class PrepareConf:
     input: Any = None  # a path, glob or list of them (JSONL, .gz, .zst); None: the built-in sample
     output: str = "data/sample_shards"
     overwrite: bool = False
     on_error: str = "raise"  # raise | skip (bad lines are counted in the manifest)
-    workers: int = 0  # processes for cleaning and tokenizing; 0: all cores
+    executor: str = "local"  # local (this machine) | slurm (a job array per stage)
+    tasks: int = 0  # tasks per stage (each takes every tasks-th unit); 0: local: workers, slurm: one per unit
+    workers: int = 0  # local: processes at once (and tokenizer training threads); 0: all cores
+    chunk_mb: int = 64  # a plain JSONL file is read in chunks of this size (compressed files whole)
+    bucket_mb: int = 64  # documents are sorted and deduplicated in buckets of about this much text
+    buckets: int = 0  # the number of buckets; 0: from bucket_mb and the input's size
     max_line_bytes: int = 8 * 2**20  # a longer JSONL line is bad input (memory stays bounded)
     max_docs_per_file: int = 0  # 0: all; otherwise only the first N lines of each file
     corpus: Dict[str, SourceFormat] = field(default_factory=dict)
@@ -88,6 +111,7 @@ class PrepareConf:
     split: SplitConf = field(default_factory=SplitConf)
     tokenizer: TokenizerConf = field(default_factory=TokenizerConf)
     shards: ShardConf = field(default_factory=ShardConf)
+    slurm: SlurmConf = field(default_factory=SlurmConf)
 
 
 def register() -> None:
@@ -102,15 +126,24 @@ def validate(cfg: PrepareConf) -> None:
             raise ConfigError(f"{key}={_get(cfg, key)!r}: {why}")
 
     need(cfg.on_error in ("raise", "skip"), "on_error", "must be raise or skip")
+    need(cfg.executor in ("local", "slurm"), "executor", "must be local or slurm")
+    need(cfg.tasks >= 0, "tasks", "must be >= 0")
     need(cfg.workers >= 0, "workers", "must be >= 0")
+    need(cfg.chunk_mb >= 1, "chunk_mb", "must be >= 1")
+    need(cfg.bucket_mb >= 1, "bucket_mb", "must be >= 1")
+    need(cfg.buckets >= 0, "buckets", "must be >= 0")
+    need(cfg.executor != "slurm" or bool(cfg.slurm.partition), "slurm.partition",
+         "executor=slurm needs the partition to run on (sinfo lists them)")
     need(cfg.max_line_bytes >= 1024, "max_line_bytes", "must be >= 1024")
     need(cfg.max_docs_per_file >= 0, "max_docs_per_file", "must be >= 0")
     need(bool(cfg.output), "output", "must be a directory path")
     need(len(cfg.corpus) > 0, "corpus", "no source formats: pick a corpus config (corpus=default)")
     need(cfg.clean.unicode_form in ("NFC", "NFKC", "NFD", "NFKD"), "clean.unicode_form", "NFC|NFKC|NFD|NFKD")
     need(0 <= cfg.clean.min_chars < cfg.clean.max_chars, "clean.min_chars", "must be >= 0 and < clean.max_chars")
-    need(0.0 < cfg.dedup.threshold <= 1.0, "dedup.threshold", "must be in (0, 1]")
-    need(cfg.dedup.num_perm >= 16, "dedup.num_perm", "must be >= 16")
+    need(cfg.dedup.minhash_bands >= 1, "dedup.minhash_bands", "must be >= 1")
+    need(cfg.dedup.minhash_rows >= 1, "dedup.minhash_rows", "must be >= 1")
+    need(cfg.dedup.span_min_bytes == 0 or cfg.dedup.span_min_bytes >= 8, "dedup.span_min_bytes",
+         "must be 0 (off) or >= 8")
     need(cfg.dedup.shingle_words >= 1, "dedup.shingle_words", "must be >= 1")
     need(0.0 <= cfg.split.valid_fraction < 1.0, "split.valid_fraction", "must be in [0, 1)")
     need(cfg.tokenizer.vocab_size is None or 300 <= cfg.tokenizer.vocab_size <= 2**32,

@@ -17,7 +17,10 @@ class BadInput(ValueError):
 
     def __init__(self, path: str, line: int, reason: str, detail: str):
         super().__init__(f"{path}:{line}: {detail} ({reason}; on_error=skip skips and counts such lines)")
-        self.path, self.line, self.reason = path, line, reason
+        self.path, self.line, self.reason, self.detail = path, line, reason, detail
+
+    def __reduce__(self):  # raised in a datatrove task, re-raised in gal-prepare's process
+        return BadInput, (self.path, self.line, self.reason, self.detail)
 
 
 @dataclass
@@ -93,12 +96,18 @@ def open_binary(path: Path) -> BinaryIO:
     return raw
 
 
-def iter_lines(path: Path, file_index: int, max_line_bytes: int, max_lines: int = 0) -> Iterator[RawLine]:
+def iter_lines(path: Path, file_index: int, max_line_bytes: int, max_lines: int = 0,
+               start: int = 0, end: int | None = None) -> Iterator[RawLine]:
     """Yield every non-blank line; a line longer than max_line_bytes is skipped over in chunks and
-    yielded as a problem, as is the cut of a truncated .gz or .zst file (after the lines before it)."""
+    yielded as a problem, as is the cut of a truncated .gz or .zst file (after the lines before it).
+    With `start`/`end` (plain files only): the lines that *start* in bytes [start, end), numbered from 1
+    at the first of them (pretrain/data/pipeline.py turns that into the file's line number)."""
     with open_binary(path) as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the rest of the line that began before `start`
         number = 0
-        while not (max_lines and number >= max_lines):
+        while not (max_lines and number >= max_lines) and (end is None or f.tell() < end):
             number += 1  # the line being read
             try:
                 data = f.readline(max_line_bytes + 1)
@@ -119,3 +128,14 @@ def iter_lines(path: Path, file_index: int, max_line_bytes: int, max_lines: int 
                 return
             elif data.strip():
                 yield RawLine(file_index, number, data)
+
+
+def lines_before(path: Path, offset: int) -> int:
+    """How many lines of a plain file start before byte `offset` (for error messages: file:line)."""
+    count, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while f.tell() < offset:
+            block = f.read(min(1 << 20, offset - f.tell()))
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")  # a line cut by `offset` began before it
