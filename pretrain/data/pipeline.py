@@ -16,6 +16,7 @@ shards.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PAPER_VOCAB_SIZE, SAMPLE_VOCAB_SIZE, ConfigError, PrepareConf, validate
-from .read import expand_inputs, lines_before
+from .read import BadInput, expand_inputs, lines_before
 from .stages import (MAX_BAD_LINES, SPLITS, Cluster, Cut, Filter, Pack, Pairs, Plan, Read, Sort, Spans, Stage,
                      Tokenize, Tokenizer, counter_dict, given_tokenizer, read_jsonl, tokenizer_info, write_atomic)
 
@@ -109,7 +110,11 @@ def prepare(cfg: PrepareConf, progress: bool = True) -> dict[str, Any]:
         print(f"gal-prepare: resuming the unfinished run in {work} (finished tasks are skipped)", file=sys.stderr)
     if cfg.executor == "slurm":
         return _run_slurm(plan, cfg, progress)
-    timing = _run_local(plan, cfg)
+    try:
+        timing = _run_local(plan, cfg, progress)
+    except (BadInput, ConfigError):  # the input or the config must change first: nothing to resume
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     manifest = json.loads((out / "manifest.json").read_text())
     timing["input_mb_per_s"] = round(manifest["input"]["bytes"] / 1e6 / timing["total_s"], 3)
     manifest["timing"] = timing
@@ -128,18 +133,27 @@ def _tasks(wanted: int, units: int) -> int:
     return max(1, min(wanted or units, units))
 
 
-def _run_local(plan: Plan, cfg: PrepareConf) -> dict[str, float]:
+def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]:
     from datatrove.executor import LocalPipelineExecutor
     workers = cfg.workers or os.cpu_count() or 1
+    console = Path(plan.work, "logs", "datatrove.log")
+    console.parent.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     for stage in _stages(plan):
         name = type(stage).__name__.lower()
         tasks = _tasks(cfg.tasks or workers, len(stage.units()))
         t = time.perf_counter()
-        LocalPipelineExecutor([stage], tasks=tasks, workers=min(workers, tasks), start_method="fork",
-                              logging_dir=str(Path(plan.work, "logs", f"{name}-{tasks}"))).run()
+        if progress:
+            print(f"gal-prepare: {stage.name} ({len(stage.units())} units, {tasks} tasks) ...", end="",
+                  file=sys.stderr, flush=True)
+        # datatrove's console log goes to a file; each task's log is in logs/<stage>-<tasks>/logs/
+        with open(console, "a") as log, contextlib.redirect_stderr(log):
+            LocalPipelineExecutor([stage], tasks=tasks, workers=min(workers, tasks), start_method="fork",
+                                  logging_dir=str(Path(plan.work, "logs", f"{name}-{tasks}"))).run()
         timing[f"{name}_s"] = round(time.perf_counter() - t, 3)
+        if progress:
+            print(f" {timing[f'{name}_s']:.1f} s", file=sys.stderr)
     timing["total_s"] = round(time.perf_counter() - t0, 3)
     return timing
 

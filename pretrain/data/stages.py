@@ -268,22 +268,29 @@ class Read(Stage):
 
 
 # ----------------------------------------------------------------------------- sort, signatures, exact hashes
-def _documents(docs: list[dict], plan: Plan) -> Iterator[Document]:
-    """A bucket's documents for datatrove's MinHash steps: the text only for near-dedup sources (the others
-    get no shingles, hence no signature, but keep their place in the index)."""
+def _minhash_groups(docs: list[dict], plan: Plan, bucket: int) -> Iterator[tuple[int, Iterator[Document]]]:
+    """A bucket's documents for datatrove's MinHash steps, one stream per source priority, numbered
+    (priority, bucket) so that of a duplicate pair datatrove keeps the higher-priority source's copy. Only
+    near-dedup sources give their text (the others get no shingles, hence no signature, but keep their
+    place in the stream's numbering)."""
+    by_prio: dict[int, list[tuple[int, dict]]] = collections.defaultdict(list)
     for i, d in enumerate(docs):
-        yield Document(text=d["text"] if plan.near(d["source"]) else "", id=d["id"], metadata={"idx": i})
+        by_prio[plan.sources.index(d["source"])].append((i, d))
+    for prio, members in sorted(by_prio.items()):
+        yield prio * plan.buckets + bucket, (
+            Document(text=d["text"] if plan.near(d["source"]) else "", id=d["id"], metadata={"idx": i})
+            for i, d in members)
 
 
 class Sort(Stage):
-    name = "sort: document order, exact hashes, MinHash signatures"
+    name = "sort: document order (priority, id), exact hashes, MinHash signatures"
 
     def do(self, bucket: int) -> None:
         p = self.plan
         docs = []
         for part in sorted(p.path("docs", f"{bucket:05d}").glob("*.jsonl")):
             docs.extend(read_jsonl(part))
-        docs.sort(key=lambda d: (d["id"], d["chunk"], d["line"]))
+        docs.sort(key=lambda d: (p.sources.index(d["source"]), d["id"], d["chunk"], d["line"]))
         out = JsonlOut()
         for d in docs:
             out.write(p.path("sorted", f"{bucket:05d}.jsonl"), d)
@@ -302,7 +309,8 @@ class Sort(Stage):
         if p.cfg.dedup.near:
             from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
             step = MinhashDedupSignature(str(p.path("minhash", "signatures")), p.minhash(), ScienceWords())
-            step.run(_documents(docs, p), rank=bucket, world_size=p.buckets)
+            for rank, stream in _minhash_groups(docs, p, bucket):
+                step.run(stream, rank=rank, world_size=len(p.sources) * p.buckets)
 
 
 # ----------------------------------------------------------------------------- duplicate pairs, exact duplicates
@@ -362,8 +370,8 @@ class Filter(Stage):
         if p.cfg.dedup.near:
             from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
             step = MinhashDedupFilter(str(p.path("minhash", "drop")))
-            near_kept = {doc.metadata["idx"] for doc in step.run(_documents(docs, p), rank=bucket,
-                                                                  world_size=p.buckets)}
+            near_kept = {doc.metadata["idx"] for rank, stream in _minhash_groups(docs, p, bucket)
+                         for doc in step.run(stream, rank=rank, world_size=len(p.sources) * p.buckets)}
         drops: dict = collections.defaultdict(collections.Counter)
         out = JsonlOut()
         spans = []
