@@ -9,6 +9,7 @@ functions that need them, so that importing this module (every conftest load) st
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -409,3 +410,37 @@ def slurm_cluster_answers(env: dict) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return all(n in out for n in SLURM_NODES)
+
+
+# ----------------------------------------------------------------------------- gal-prepare at scale
+def scale_inputs(root: Path, shared_corpus: Path) -> list[str]:
+    """Inputs that make every stage of gal-prepare cut its work into several units: a plain JSONL of 900
+    real arXiv abstracts (read in 4 chunks of 0.25 MB, with a few repeats: exact and near copies and a
+    paragraph shared by several), the shared molecules (formula probes) and the built-in sample's gzipped
+    docstrings (a whole-file chunk)."""
+    from pretrain.data.pipeline import builtin_sample_files
+
+    with open(shared_corpus / "arxiv.jsonl") as f:
+        papers = [json.loads(line) for _, line in zip(range(900), f)]
+    shared = " ".join(papers[0]["text"].split()[:60])
+    for k in range(10):
+        papers.append(dict(papers[k], id=f"{papers[k]['id']}-copy"))
+        papers[100 + k] = dict(papers[100 + k], text=papers[100 + k]["text"] + "\n\n" + shared)
+    write_jsonl(root / "papers.jsonl", papers)
+    subset(shared_corpus / "molecules.jsonl", root / "molecules.jsonl", 400)
+    docstrings = [f for f in builtin_sample_files() if f.name.startswith("docstrings")][0]
+    return [str(root / "papers.jsonl"), str(root / "molecules.jsonl"), str(docstrings)]
+
+
+SCALE_ARGS = ["chunk_mb=0.25", "buckets=5", "shards.seq_len=255", "shards.samples_per_shard=64",
+              "tokenizer.vocab_size=1000", "tokenizer.min_sample_docs=300"]
+
+
+def shard_set_digest(out: Path) -> tuple[dict, dict]:
+    """A shard set as (its manifest less timing and output path, {file: sha256} of every other file)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("timing", None)
+    manifest["config"].pop("output", None)
+    files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return manifest, files

@@ -64,6 +64,7 @@ class TokenizerConf:
     sample_fraction: float = 0.02  # of the training documents, chosen by a hash of (seed, id)
     min_sample_docs: int = 5000  # at least this many documents (all of a small corpus)
     seed: int = 0
+    threads: int = 8  # sentencepiece's training threads: its model depends on their number, so it is fixed here
     # Instead of training one (vocab_size, sample_fraction, min_sample_docs and seed are then unused):
     path: Optional[str] = None  # our own tokenizer.model (or its folder), e.g. another shard set's tokenizer/
     # A Hugging Face tokenizer folder (tokenizer.json), e.g. a downloaded facebook/galactica-1.3b, to continue
@@ -100,8 +101,8 @@ class PrepareConf:
     executor: str = "local"  # local (this machine) | slurm (a job array per stage)
     tasks: int = 0  # tasks per stage (each takes every tasks-th unit); 0: local: workers, slurm: one per unit
     workers: int = 0  # local: processes at once (and tokenizer training threads); 0: all cores
-    chunk_mb: int = 64  # a plain JSONL file is read in chunks of this size (compressed files whole)
-    bucket_mb: int = 64  # documents are sorted and deduplicated in buckets of about this much text
+    chunk_mb: float = 64.0  # a plain JSONL file is read in chunks of this size (compressed files whole)
+    bucket_mb: float = 64.0  # documents are sorted and deduplicated in buckets of about this much text
     buckets: int = 0  # the number of buckets; 0: from bucket_mb and the input's size
     max_line_bytes: int = 8 * 2**20  # a longer JSONL line is bad input (memory stays bounded)
     max_docs_per_file: int = 0  # 0: all; otherwise only the first N lines of each file
@@ -129,8 +130,8 @@ def validate(cfg: PrepareConf) -> None:
     need(cfg.executor in ("local", "slurm"), "executor", "must be local or slurm")
     need(cfg.tasks >= 0, "tasks", "must be >= 0")
     need(cfg.workers >= 0, "workers", "must be >= 0")
-    need(cfg.chunk_mb >= 1, "chunk_mb", "must be >= 1")
-    need(cfg.bucket_mb >= 1, "bucket_mb", "must be >= 1")
+    need(cfg.chunk_mb > 0, "chunk_mb", "must be > 0")
+    need(cfg.bucket_mb > 0, "bucket_mb", "must be > 0")
     need(cfg.buckets >= 0, "buckets", "must be >= 0")
     need(cfg.executor != "slurm" or bool(cfg.slurm.partition), "slurm.partition",
          "executor=slurm needs the partition to run on (sinfo lists them)")
@@ -150,6 +151,7 @@ def validate(cfg: PrepareConf) -> None:
          "tokenizer.vocab_size", "must be >= 300 (bytes + special tokens) and < 2**32")
     need(0.0 < cfg.tokenizer.sample_fraction <= 1.0, "tokenizer.sample_fraction", "must be in (0, 1]")
     need(cfg.tokenizer.min_sample_docs >= 1, "tokenizer.min_sample_docs", "must be >= 1")
+    need(cfg.tokenizer.threads >= 1, "tokenizer.threads", "must be >= 1")
     need(not (cfg.tokenizer.path and cfg.tokenizer.from_hf), "tokenizer.from_hf",
          f"tokenizer.path={cfg.tokenizer.path!r} is set too: use one of them")
     need(cfg.shards.seq_len >= 1, "shards.seq_len", "must be >= 1")

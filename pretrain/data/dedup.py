@@ -15,6 +15,7 @@ import re
 
 from datatrove.pipeline.dedup.minhash import MinhashConfig
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.text import TextNormConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 _WORD = re.compile(r"\w+")
@@ -41,5 +42,8 @@ class ScienceWords(WordTokenizer):
 
 
 def minhash_config(shingle_words: int, bands: int, rows: int) -> MinhashConfig:
+    # datatrove's FineWeb normalisation (lowercase, numbers → 0, no punctuation) without its per-character
+    # diacritic stripping: the text is NFKC-clean already, and that loop was 40% of the signature time
     return MinhashConfig(n_grams=shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1,
-                         hash_config=HashConfig(precision=64, hash_fc="xxhash"))
+                         hash_config=HashConfig(precision=64, hash_fc="xxhash"),
+                         norm_config=TextNormConfig(norm_unicode_diacritics=False))

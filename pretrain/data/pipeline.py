@@ -44,7 +44,7 @@ def builtin_sample_files() -> list[Path]:
 
 # ----------------------------------------------------------------------------- the plan
 def make_plan(cfg: PrepareConf, files: list[Path], out: Path, builtin: bool, vocab_size: int) -> Plan:
-    chunk = cfg.chunk_mb * 2**20
+    chunk = max(1, int(cfg.chunk_mb * 2**20))
     chunks, text_bytes = [], 0
     for i, f in enumerate(files):
         size = f.stat().st_size
@@ -142,7 +142,7 @@ def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]
     t0 = time.perf_counter()
     for stage in _stages(plan):
         name = type(stage).__name__.lower()
-        tasks = _tasks(cfg.tasks or workers, len(stage.units()))
+        tasks = _tasks(cfg.tasks, len(stage.units()))  # default: a task per unit, `workers` at a time
         t = time.perf_counter()
         if progress:
             print(f"gal-prepare: {stage.name} ({len(stage.units())} units, {tasks} tasks) ...", end="",

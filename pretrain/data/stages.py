@@ -102,10 +102,25 @@ def save_array(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def load_arrays(directory: Path, dtype: np.dtype) -> np.ndarray:
-    """Every .npy in `directory` (name order), concatenated; empty when there is none."""
-    parts = [np.load(p) for p in sorted(directory.glob("*.npy"))] if directory.is_dir() else []
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+# Scatter / gather (the shuffle of a map-reduce): a producer unit writes ONE file of records ordered by the
+# consumer unit they are for, with an index of where each consumer's part starts; a consumer reads its
+# part of every producer's file. Files grow with the units, not with units squared.
+def save_partitioned(path: Path, records: np.ndarray, parts: np.ndarray, count: int) -> None:
+    order = np.argsort(parts, kind="stable")
+    index = np.searchsorted(parts[order], np.arange(count + 1))
+    save_array(path.with_suffix(".index.npy"), index.astype(np.int64))
+    save_array(path.with_suffix(".npy"), records[order])
+
+
+def load_partition(directory: Path, part: int, dtype: np.dtype) -> np.ndarray:
+    """Consumer `part`'s records from every producer file in `directory` (producer order)."""
+    pieces = []
+    for index_path in sorted(directory.glob("*.index.npy")) if directory.is_dir() else []:
+        index = np.load(index_path)
+        if index[part + 1] > index[part]:
+            data = np.load(index_path.with_name(index_path.name.replace(".index.npy", ".npy")), mmap_mode="r")
+            pieces.append(np.array(data[index[part]:index[part + 1]]))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype)
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -238,31 +253,32 @@ class Read(Stage):
         renderer = Renderer(dict(cfg.corpus), cfg.clean.unicode_form)
         stats = {"lines": 0, "bytes": 0, "errors": collections.Counter(), "bad_lines": [],
                  "drops": collections.defaultdict(collections.Counter)}
-        out = JsonlOut()
-        try:
-            for raw in iter_lines(path, file_index, cfg.max_line_bytes, cfg.max_docs_per_file, start, end):
-                stats["lines"] += 1
-                stats["bytes"] += len(raw.data) if raw.data is not None else raw.size
-                result = parse_line(raw, renderer, cfg.clean.min_chars, cfg.clean.max_chars)
-                if result[0] == "bad":
-                    _, reason, detail = result
-                    if cfg.on_error == "raise":
-                        raise BadInput(str(path), lines_before(path, start) + raw.line, reason, detail)
-                    stats["errors"][reason] += 1
-                    if len(stats["bad_lines"]) < MAX_BAD_LINES:
-                        stats["bad_lines"].append([file_index, raw.line, reason])
-                elif result[0] == "drop":
-                    stats["drops"][result[1]][result[2]] += 1
-                else:
-                    _, doc_id, source, text, probe = result
-                    out.write(p.path("docs", f"{p.bucket_of(doc_id):05d}", f"{chunk:06d}.jsonl"),
-                              {"id": doc_id, "source": source, "chunk": chunk, "line": raw.line, "text": text,
-                               "probe": probe})
-        except BaseException:
-            for f in out.files.values():
-                f.close()
-            raise
-        out.close()
+        lines: list[bytes] = []
+        buckets: list[int] = []
+        for raw in iter_lines(path, file_index, cfg.max_line_bytes, cfg.max_docs_per_file, start, end):
+            stats["lines"] += 1
+            stats["bytes"] += len(raw.data) if raw.data is not None else raw.size
+            result = parse_line(raw, renderer, cfg.clean.min_chars, cfg.clean.max_chars)
+            if result[0] == "bad":
+                _, reason, detail = result
+                if cfg.on_error == "raise":
+                    raise BadInput(str(path), lines_before(path, start) + raw.line, reason, detail)
+                stats["errors"][reason] += 1
+                if len(stats["bad_lines"]) < MAX_BAD_LINES:
+                    stats["bad_lines"].append([file_index, raw.line, reason])
+            elif result[0] == "drop":
+                stats["drops"][result[1]][result[2]] += 1
+            else:
+                _, doc_id, source, text, probe = result
+                buckets.append(p.bucket_of(doc_id))
+                lines.append(json.dumps({"id": doc_id, "source": source, "chunk": chunk, "line": raw.line,
+                                         "text": text, "probe": probe}, ensure_ascii=False).encode("utf-8") + b"\n")
+        # one file of the chunk's documents, by bucket; index: each bucket's first byte (the chunk is in memory)
+        order = np.argsort(np.array(buckets, np.int64), kind="stable")
+        sizes = np.zeros(p.buckets + 1, np.int64)
+        np.add.at(sizes, np.array(buckets, np.int64) + 1, [len(line) for line in lines])
+        write_atomic(p.path("docs", f"{chunk:06d}.jsonl"), b"".join(lines[i] for i in order))
+        save_array(p.path("docs", f"{chunk:06d}.index.npy"), np.cumsum(sizes))
         stats["start"] = start
         write_atomic(p.path("stats", "read", f"{chunk:06d}.json"), json.dumps(counter_dict(stats)))
 
@@ -288,8 +304,12 @@ class Sort(Stage):
     def do(self, bucket: int) -> None:
         p = self.plan
         docs = []
-        for part in sorted(p.path("docs", f"{bucket:05d}").glob("*.jsonl")):
-            docs.extend(read_jsonl(part))
+        for c in range(len(p.chunks)):
+            index = np.load(p.path("docs", f"{c:06d}.index.npy"))
+            if index[bucket + 1] > index[bucket]:
+                with open(p.path("docs", f"{c:06d}.jsonl"), "rb") as f:
+                    f.seek(index[bucket])
+                    docs += [json.loads(line) for line in f.read(index[bucket + 1] - index[bucket]).splitlines()]
         docs.sort(key=lambda d: (p.sources.index(d["source"]), d["id"], d["chunk"], d["line"]))
         out = JsonlOut()
         for d in docs:
@@ -303,9 +323,7 @@ class Sort(Stage):
                 digest = content_hash(d["text"])
                 records[i] = (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"),
                               p.sources.index(d["source"]), bucket, i)
-            target = records["h0"] % p.buckets
-            for e in np.unique(target):
-                save_array(p.path("exact", f"{e:05d}", f"{bucket:05d}.npy"), records[target == e])
+            save_partitioned(p.path("exact", f"{bucket:05d}"), records, records["h0"] % p.buckets, p.buckets)
         if p.cfg.dedup.near:
             from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
             step = MinhashDedupSignature(str(p.path("minhash", "signatures")), p.minhash(), ScienceWords())
@@ -330,7 +348,7 @@ class Pairs(Stage):
             MinhashDedupBuckets(str(p.path("minhash", "signatures")), str(p.path("minhash", "pairs")),
                                 config=p.minhash()).run(rank=n, world_size=p.cfg.dedup.minhash_bands)
             return
-        records = load_arrays(p.path("exact", f"{n:05d}"), EXACT_DTYPE)
+        records = load_partition(p.path("exact"), n, EXACT_DTYPE)
         records = records[np.lexsort((records["idx"], records["bucket"], records["prio"], records["h1"], records["h0"]))]
         first = np.ones(len(records), bool)
         first[1:] = (records["h0"][1:] != records["h0"][:-1]) | (records["h1"][1:] != records["h1"][:-1])
@@ -340,8 +358,7 @@ class Pairs(Stage):
         same = dup["prio"] == owner[~first]
         for r, s in zip(dup, same):
             drops[p.sources[r["prio"]]]["exact_duplicate_same_source" if s else "exact_duplicate_cross_source"] += 1
-        for b in np.unique(dup["bucket"]):
-            save_array(p.path("exact_drop", f"{b:05d}", f"{n:05d}.npy"), np.sort(dup["idx"][dup["bucket"] == b]))
+        save_partitioned(p.path("exact_drop", f"{n:05d}"), dup["idx"].copy(), dup["bucket"], p.buckets)
         write_atomic(p.path("stats", "exact", f"{n:05d}.json"), json.dumps({"drops": counter_dict(drops)}))
 
 
@@ -365,7 +382,7 @@ class Filter(Stage):
     def do(self, bucket: int) -> None:
         p = self.plan
         docs = list(read_jsonl(p.path("sorted", f"{bucket:05d}.jsonl")))
-        exact = set(load_arrays(p.path("exact_drop", f"{bucket:05d}"), np.dtype("<u4")).tolist())
+        exact = set(load_partition(p.path("exact_drop"), bucket, np.dtype("<u4")).tolist())
         near_kept = set(range(len(docs)))
         if p.cfg.dedup.near:
             from datatrove.pipeline.dedup.minhash import MinhashDedupFilter
@@ -390,9 +407,7 @@ class Filter(Stage):
                 spans.append(r)
         out.close()
         records = np.concatenate(spans) if spans else np.zeros(0, SPAN_DTYPE)
-        target = records["hash"] % p.buckets
-        for s in np.unique(target):
-            save_array(p.path("spans", f"{s:05d}", f"{bucket:05d}.npy"), records[target == s])
+        save_partitioned(p.path("spans", f"{bucket:05d}"), records, records["hash"] % p.buckets, p.buckets)
         write_atomic(p.path("stats", "filter", f"{bucket:05d}.json"), json.dumps({"drops": counter_dict(drops)}))
 
 
@@ -404,16 +419,14 @@ class Spans(Stage):
 
     def do(self, s: int) -> None:
         p = self.plan
-        r = load_arrays(p.path("spans", f"{s:05d}"), SPAN_DTYPE)
+        r = load_partition(p.path("spans"), s, SPAN_DTYPE)
         r = r[np.lexsort((r["offset"], r["idx"], r["bucket"], r["prio"], r["hash"]))]
         repeat = np.zeros(len(r), bool)
         repeat[1:] = r["hash"][1:] == r["hash"][:-1]  # not the first (in document order) with this hash
         r = r[repeat]
-        for b in np.unique(r["bucket"]):
-            mine = r[r["bucket"] == b]
-            cover = np.zeros(len(mine), COVER_DTYPE)
-            cover["idx"], cover["offset"] = mine["idx"], mine["offset"]
-            save_array(p.path("span_repeats", f"{b:05d}", f"{s:05d}.npy"), cover)
+        cover = np.zeros(len(r), COVER_DTYPE)
+        cover["idx"], cover["offset"] = r["idx"], r["offset"]
+        save_partitioned(p.path("span_repeats", f"{s:05d}"), cover, r["bucket"], p.buckets)
 
 
 # ----------------------------------------------------------------------------- cut, split, sample
@@ -422,7 +435,7 @@ class Cut(Stage):
 
     def do(self, bucket: int) -> None:
         p, cfg = self.plan, self.plan.cfg
-        repeats = load_arrays(p.path("span_repeats", f"{bucket:05d}"), COVER_DTYPE)
+        repeats = load_partition(p.path("span_repeats"), bucket, COVER_DTYPE)
         by_doc: dict[int, list[int]] = collections.defaultdict(list)
         for idx, offset in zip(repeats["idx"].tolist(), repeats["offset"].tolist()):
             by_doc[idx].append(offset)
@@ -527,7 +540,7 @@ class Tokenizer(Stage):
                         yield json.loads(f.readline())["text"]
 
             tok = GalacticaTokenizer.train(texts(), out, vocab_size=p.vocab_size, seed=p.cfg.tokenizer.seed,
-                                           num_threads=max(p.cfg.workers or os.cpu_count() or 1, 1), progress=False)
+                                           num_threads=p.cfg.tokenizer.threads, progress=False)
         if tok.kind == "sentencepiece":
             tok.export_hf(out / "hf")
         info = {"kind": tok.kind, "sha256": tok.sha256, "file": tok.file_name, "vocab_size": tok.vocab_size,
