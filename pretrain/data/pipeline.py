@@ -158,8 +158,24 @@ def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]
     return timing
 
 
-def _run_slurm(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, Any]:
+def _slurm_executor_class():
     from datatrove.executor import SlurmPipelineExecutor
+    from datatrove.executor.slurm import launch_slurm_job
+
+    class SlurmExecutor(SlurmPipelineExecutor):
+        """datatrove's, with its stats-merging job asking for slurm.mem_per_cpu (datatrove asks 1G)."""
+
+        def launch_merge_stats(self):
+            launch_slurm_job(self.get_launch_file_contents(
+                {**self.get_sbatch_args(), "cpus-per-task": 1, "dependency": f"afterok:{self.job_id}"},
+                f"merge_stats {self.logging_dir.resolve_paths('stats')} "
+                f"-o {self.logging_dir.resolve_paths('stats.json')}"), self.job_id_retriever)
+
+    return SlurmExecutor
+
+
+def _run_slurm(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, Any]:
+    SlurmPipelineExecutor = _slurm_executor_class()
     s = cfg.slurm
     env_command = s.env_command or f"export PATH={Path(sys.executable).parent}:$PATH"
     previous, executors = None, []
@@ -172,7 +188,11 @@ def _run_slurm(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, Any]:
             job_name=f"gal-prepare-{name}", qos=s.qos or "", env_command=env_command, sbatch_args=sbatch_args,
             logging_dir=str(Path(plan.work, "logs", f"{name}-{tasks}")), depends=previous, mail_type="NONE")
         executors.append(previous)
-    previous.run()  # submits the whole chain, dependencies first; finished stages are not resubmitted
+    try:
+        previous.run()  # submits the whole chain, dependencies first; finished stages are not resubmitted
+    except subprocess.CalledProcessError as e:
+        raise ConfigError(f"executor=slurm: sbatch refused a job ({e}; its message is above); check slurm.partition, "
+                          "slurm.account, slurm.qos, slurm.mem_per_cpu, slurm.cpus_per_task and slurm.time") from None
     jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
     if progress:
         print(f"gal-prepare: submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); logs in {plan.work}/logs/",

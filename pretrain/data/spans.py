@@ -30,28 +30,45 @@ def window_sizes(min_bytes: int) -> tuple[int, int]:
 
 
 def fingerprints(data: bytes, min_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """The winnowed fingerprints of `data`: (hashes uint64, byte offsets uint32), offsets increasing."""
+    """The winnowed fingerprints of `data`: (hashes uint64, byte offsets uint32), offsets increasing;
+    none for a text shorter than min_bytes."""
+    return fingerprints_many([data], min_bytes)[0]
+
+
+def fingerprints_many(texts: list[bytes], min_bytes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """fingerprints() of each text, computed for all of them in one pass of numpy (a bucket's documents
+    in batches: per-document calls cost more in numpy's overhead than in arithmetic)."""
+    if not texts:
+        return []
     k, w = window_sizes(min_bytes)
-    n = len(data) - k + 1  # number of k-byte windows
-    if n < 1:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint32)
+    starts = np.cumsum([0] + [len(t) for t in texts])
+    data = b"".join(texts)
+    n = len(data) - k + 1  # windows, counted from every position of the joined texts
+    if n < w:
+        return [(np.zeros(0, np.uint64), np.zeros(0, np.uint32)) for _ in texts]
+    valid = np.zeros(n, np.uint8)  # windows inside one text
+    for a, b in zip(starts[:-1], starts[1:]):
+        if b - a >= k:
+            valid[a:b - k + 1] = 1
     with np.errstate(over="ignore"):
-        b = np.frombuffer(data, np.uint8).astype(np.uint64) + np.uint64(1)
+        x = np.frombuffer(data, np.uint8).astype(np.uint64) + np.uint64(1)
         pw = np.cumprod(np.full(len(data), _P, np.uint64))  # P**(t+1)
         ipw = np.cumprod(np.concatenate([[np.uint64(1)], np.full(len(data) - 1, _P_INV, np.uint64)]))  # P**-t
-        s = np.concatenate([[np.uint64(0)], np.cumsum(b * ipw)])
-        h = (s[k:] - s[:n]) * pw[k - 1:k - 1 + n]  # sum_j b[i+j] P**(k-j), the window at i
+        s = np.concatenate([[np.uint64(0)], np.cumsum(x * ipw)])
+        h = (s[k:] - s[:n]) * pw[k - 1:k - 1 + n]  # sum_j x[i+j] P**(k-j): the window at i
         h ^= h >> np.uint64(29)
         h *= _MIX
         h ^= h >> np.uint64(32)
-    w = min(w, n)
-    run_min = _sliding(np.minimum, h, w)  # the minimum of windows i .. i+w-1
-    # window i is kept when it is the minimum of a run that contains it: h[i] == the largest of the
-    # minima of the runs i-w+1 .. i (ties, from repeated text, keep all the tied windows)
+    # runs of w windows inside one text, and the minimum of each
+    run_min = np.where(_sliding(np.minimum, valid, w) == 1, _sliding(np.minimum, h, w), np.uint64(0))
+    # window i is kept when it is the minimum of a run that contains it: h[i] == the largest of the minima
+    # of the runs i-w+1 .. i (ties, from repeated text, keep all the tied windows)
     pad = np.zeros(w - 1, np.uint64)
-    padded = np.concatenate([pad, run_min, pad])
-    picks = np.flatnonzero(h == _sliding(np.maximum, padded, w))
-    return h[picks], picks.astype(np.uint32)
+    picks = np.flatnonzero((h == _sliding(np.maximum, np.concatenate([pad, run_min, pad]), w)) & (valid == 1))
+    doc = np.searchsorted(starts, picks, side="right") - 1
+    cuts = np.searchsorted(doc, np.arange(len(texts) + 1))
+    return [(h[picks[a:b]], (picks[a:b] - starts[i]).astype(np.uint32))
+            for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
 
 
 def _sliding(op, a: np.ndarray, w: int) -> np.ndarray:

@@ -42,7 +42,7 @@ from .dedup import ScienceWords, content_hash, minhash_config
 from .markup import RecordError, Renderer
 from .read import BadInput, RawLine, iter_lines, lines_before
 from .shards import Packer, ShardWriter, token_dtype
-from .spans import cut_repeats, fingerprints
+from .spans import cut_repeats, fingerprints_many
 from .split import is_validation, unit_hash
 
 MAX_BAD_LINES = 100  # the manifest's bad_lines: where the first skipped bad lines are
@@ -378,6 +378,7 @@ class Cluster(Stage):
 # ----------------------------------------------------------------------------- filter, fingerprints
 class Filter(Stage):
     name = "filter: drop duplicates, fingerprint spans"
+    FINGERPRINT_BATCH = 512  # documents fingerprinted at once (a few MB of numpy arrays)
 
     def do(self, bucket: int) -> None:
         p = self.plan
@@ -391,7 +392,17 @@ class Filter(Stage):
                          for doc in step.run(stream, rank=rank, world_size=len(p.sources) * p.buckets)}
         drops: dict = collections.defaultdict(collections.Counter)
         out = JsonlOut()
-        spans = []
+        spans, batch = [], []
+
+        def fingerprint(batch: list[tuple[int, dict]]) -> None:
+            texts = [d["text"].encode("utf-8") for _, d in batch]
+            for (idx, d), (hashes, offsets) in zip(batch, fingerprints_many(texts, p.cfg.dedup.span_min_bytes)):
+                r = np.zeros(len(hashes), SPAN_DTYPE)
+                r["hash"], r["offset"] = hashes, offsets
+                r["prio"], r["bucket"], r["idx"] = p.sources.index(d["source"]), bucket, idx
+                spans.append(r)
+            batch.clear()
+
         for idx, d in enumerate(docs):
             if idx in exact:
                 continue  # counted by the pairs stage
@@ -400,11 +411,10 @@ class Filter(Stage):
                 continue
             out.write(p.path("kept", f"{bucket:05d}.jsonl"), {**d, "idx": idx})
             if p.span(d["source"]):
-                hashes, offsets = fingerprints(d["text"].encode("utf-8"), p.cfg.dedup.span_min_bytes)
-                r = np.zeros(len(hashes), SPAN_DTYPE)
-                r["hash"], r["offset"] = hashes, offsets
-                r["prio"], r["bucket"], r["idx"] = p.sources.index(d["source"]), bucket, idx
-                spans.append(r)
+                batch.append((idx, d))
+                if len(batch) >= self.FINGERPRINT_BATCH:
+                    fingerprint(batch)
+        fingerprint(batch)
         out.close()
         records = np.concatenate(spans) if spans else np.zeros(0, SPAN_DTYPE)
         save_partitioned(p.path("spans", f"{bucket:05d}"), records, records["hash"] % p.buckets, p.buckets)
