@@ -135,6 +135,7 @@ def _tasks(wanted: int, units: int) -> int:
 
 def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]:
     from datatrove.executor import LocalPipelineExecutor
+    from loguru import logger
     workers = cfg.workers or os.cpu_count() or 1
     console = Path(plan.work, "logs", "datatrove.log")
     console.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +148,17 @@ def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]
         if progress:
             print(f"gal-prepare: {stage.name} ({len(stage.units())} units, {tasks} tasks) ...", end="",
                   file=sys.stderr, flush=True)
-        # datatrove's console log goes to a file; each task's log is in logs/<stage>-<tasks>/logs/
+        # datatrove's console log goes to a file (its loguru handlers: the parent's, and each task's, which
+        # datatrove adds on sys.stderr); each task's own log is in logs/<stage>-<tasks>/logs/
         with open(console, "a") as log, contextlib.redirect_stderr(log):
-            LocalPipelineExecutor([stage], tasks=tasks, workers=min(workers, tasks), start_method="fork",
-                                  logging_dir=str(Path(plan.work, "logs", f"{name}-{tasks}"))).run()
+            logger.remove()
+            logger.add(log, level="INFO")
+            try:
+                LocalPipelineExecutor([stage], tasks=tasks, workers=min(workers, tasks), start_method="fork",
+                                      logging_dir=str(Path(plan.work, "logs", f"{name}-{tasks}"))).run()
+            finally:
+                logger.remove()
+                logger.add(sys.stderr, level="WARNING")
         timing[f"{name}_s"] = round(time.perf_counter() - t, 3)
         if progress:
             print(f" {timing[f'{name}_s']:.1f} s", file=sys.stderr)

@@ -24,6 +24,7 @@ the corpus config, bucket, id).
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import json
 import os
@@ -564,15 +565,22 @@ def tokenizer_info(plan: Plan) -> dict:
 
 
 # ----------------------------------------------------------------------------- tokenize, pack
+@functools.lru_cache(maxsize=1)
+def _loaded_tokenizer(path: str):
+    """One tokenizer per process: its word cache stays warm from one unit to the next (a local worker
+    runs many tasks)."""
+    from pretrain.tokenizer import load_tokenizer
+    return load_tokenizer(path)
+
+
 class Tokenize(Stage):
     name = "tokenize"
     BATCH = 128
 
     def do(self, bucket: int) -> None:
-        from pretrain.tokenizer import load_tokenizer
         p = self.plan
         info = tokenizer_info(p)
-        tok = load_tokenizer(str(p.path("out", "tokenizer", info["file"])))
+        tok = _loaded_tokenizer(str(p.path("out", "tokenizer", info["file"])))
         dtype = token_dtype(info["vocab_size"])
         groups: dict[str, tuple[list, list]] = collections.defaultdict(lambda: ([], []))
         docs = list(read_jsonl(p.path("final", f"{bucket:05d}.jsonl")))
