@@ -1,7 +1,8 @@
-"""Data-preparation benchmark (issue 3): tokenization throughput of the Galactica tokenizer against a
-Hugging Face `tokenizers` byte-level BPE of the same vocabulary size, trained on the same sample.
+"""Data-preparation benchmark: tokenization throughput of the Galactica tokenizer against a Hugging Face
+`tokenizers` byte-level BPE of the same vocabulary size (issue 3), the whole of gal-prepare with 1 and 2
+local workers, and the peak memory of its largest process at 1x, 4x and 16x the corpus (issue 16).
 
-    python bench/prepare.py --corpus ../shared/corpus [--vocab-size 32000] [--sample-fraction 0.1]
+    python bench/prepare.py --corpus ../shared/corpus [--parts tokenizer,pipeline,scale] [--scales 1,4,16]
 
 Both tokenizers encode the whole corpus (arXiv prose + molecules / proteins / DNA in Galactica markup)
 in batches, from a freshly loaded tokenizer (cold caches). Wall-clock MB/s depends on what else runs
@@ -13,12 +14,15 @@ import argparse
 import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from pretrain.tokenizer import SPECIAL_TOKENS, GalacticaTokenizer, escape_spans  # noqa: E402
 
@@ -110,35 +114,110 @@ def bench_tokenization(corpus: Path, vocab_size: int, sample_fraction: float, se
     return rows
 
 
-def bench_pipeline(corpus: Path, vocab_size: int, seed: int) -> dict:
-    """The whole of gal-prepare (read, clean, dedup, split, tokenizer training on the default 2% sample,
-    tokenize, pack, shard) on every *.jsonl of the corpus, with all cores; MB/s of input JSONL."""
-    import resource
+def run_prepare(args: list[str]) -> dict:
+    """One gal-prepare in a fresh process: its manifest, wall seconds, CPU seconds of every process it ran
+    (the pool workers included) and the peak RSS of the largest of them."""
+    out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("output=")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    with open(f"{out}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain.prepare", *args], env=env, cwd=ROOT,
+                                stdout=log, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)  # this run's processes alone (it waits for its workers)
+    wall = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"gal-prepare {' '.join(args)} failed:\n{Path(f'{out}.log').read_text()[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"manifest": manifest, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "max_rss_mb": usage.ru_maxrss / 1024}
 
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    import pretrain.prepare  # noqa: F401  (registers the config schema)
-    from pretrain.data.pipeline import prepare
+def bench_pipeline(corpus: Path, vocab_size: int, seed: int, workers: list[int], tmp: Path) -> list[dict]:
+    """The whole of gal-prepare (read, clean, markup, exact + near (datatrove MinHash) + span dedup, split,
+    tokenizer training on the default 2% sample, tokenize, pack, shard) on every *.jsonl of the corpus,
+    with 1 and 2 local workers; the 1-worker run is the reference of the speed-up."""
+    rows = []
+    for w in workers:
+        r = run_prepare([f"input={corpus}/*.jsonl", f"output={tmp}/workers{w}", f"tokenizer.vocab_size={vocab_size}",
+                         f"tokenizer.seed={seed}", f"workers={w}", "chunk_mb=4", "bucket_mb=8"])
+        m = r["manifest"]
+        mb = m["input"]["bytes"] / 1e6
+        rows.append({"workers": w, "MB": mb, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "MB/s": mb / r["wall_s"],
+                     "MB per CPU-s": mb / r["cpu_s"], "max_rss_mb": r["max_rss_mb"], "stages": m["timing"],
+                     "units": m["units"], "dedup": m["dedup"], "span_bytes_removed": m["span_dedup"]["bytes_removed"],
+                     "train_tokens": m["totals"]["train"]["tokens"]})
+        print(f"  {w} worker(s): {mb:.1f} MB in {r['wall_s']:.1f} s = {mb / r['wall_s']:.2f} MB/s, "
+              f"{mb / r['cpu_s']:.2f} MB per CPU-second, peak RSS {r['max_rss_mb']:.0f} MB", flush=True)
+    return rows
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("prepare", overrides=[
-                f"input={corpus}/*.jsonl", f"output={tmp}/shards", f"tokenizer.vocab_size={vocab_size}",
-                f"tokenizer.seed={seed}"]))
-        cpu = lambda: sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime  # noqa: E731
-                          for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-        cpu0 = cpu()
-        m = prepare(cfg, progress=False)
-        cpu_s = cpu() - cpu0
-    mb, t = m["input"]["bytes"] / 1e6, m["timing"]
-    print(f"\nwhole pipeline (gal-prepare, {m['workers']} workers, vocab {m['vocab_size']}): {mb:.1f} MB in "
-          f"{t['total_s']:.1f} s = {t['input_mb_per_s']:.2f} MB/s wall, {mb / cpu_s:.2f} MB per CPU-second; "
-          f"clean+dedup+split {mb / t['clean_dedup_split_s']:.2f} MB/s, tokenizer training "
-          f"{t['tokenizer_train_s']:.1f} s ({m['tokenizer']['trained_on_documents']} docs), tokenize+pack "
-          f"{mb / t['tokenize_pack_s']:.2f} MB/s; {m['totals']['train']['tokens']:,} train tokens, "
-          f"{m['splits']['train']['samples']:,} samples; dedup {m['dedup']}", flush=True)
-    return m
+
+def perturbed_corpus(corpus: Path, copies: int, out: Path) -> Path:
+    """`copies` copies of every *.jsonl record: copy 0 as it is, copy j > 0 with a new id and, for text
+    records, every 8th word replaced (so the copies are neither exact nor near duplicates, and span
+    dedup finds few repeats); molecules, proteins and DNA copies are exact duplicates (dedup drops them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(corpus.glob("*.jsonl")):
+        with open(path) as f, open(out / path.name, "w") as w:
+            for line in f:
+                record = json.loads(line)
+                w.write(line if line.endswith("\n") else line + "\n")
+                for j in range(1, copies):
+                    copy = dict(record, id=f"{record['id']}~{j}")
+                    if "text" in copy:
+                        words = copy["text"].split(" ")
+                        copy["text"] = " ".join(f"{x}{j}" if i % 8 == j % 8 else x for i, x in enumerate(words))
+                    w.write(json.dumps(copy, ensure_ascii=False) + "\n")
+    return out
+
+
+def bench_scale(corpus: Path, scales: list[int], tokenizer: Path, tmp: Path) -> list[dict]:
+    """Peak RSS of the largest process (a task: 2 local workers) as the corpus grows: bucket count and
+    chunk count grow with it, their size does not. The tokenizer is given (trained at 1x), so that the one
+    stage whose input is a fraction of the corpus by design, tokenizer training, is not what is measured."""
+    rows = []
+    for k in scales:
+        data = perturbed_corpus(corpus, k, tmp / f"corpus{k}x")
+        r = run_prepare([f"input={data}/*.jsonl", f"output={tmp}/scale{k}", f"tokenizer.path={tokenizer}",
+                         "workers=2", "chunk_mb=16", "bucket_mb=32"])
+        m = r["manifest"]
+        mb = m["input"]["bytes"] / 1e6
+        rows.append({"scale": k, "MB": mb, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "MB/s": mb / r["wall_s"],
+                     "MB per CPU-s": mb / r["cpu_s"], "max_rss_mb": r["max_rss_mb"], "units": m["units"],
+                     "dedup": m["dedup"], "span_bytes_removed": m["span_dedup"]["bytes_removed"]})
+        print(f"  {k}x: {mb:.0f} MB ({m['units']['chunks']} chunks, {m['units']['buckets']} buckets) in "
+              f"{r['wall_s']:.0f} s, peak RSS {r['max_rss_mb']:.0f} MB; dedup {m['dedup']}", flush=True)
+        shutil.rmtree(data)
+        shutil.rmtree(tmp / f"scale{k}")
+    return rows
+
+
+def plot(pipeline: list[dict], scale: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    stages = [k[:-2] for k in pipeline[0]["stages"] if k.endswith("_s") and k not in ("total_s", "input_mb_per_s")]
+    bottom = [0.0] * len(pipeline)
+    colors = plt.get_cmap("tab20").colors
+    for i, stage in enumerate(stages):
+        values = [r["stages"][f"{stage}_s"] for r in pipeline]
+        a.bar([f"{r['workers']} worker(s)" for r in pipeline], values, bottom=bottom, label=stage, color=colors[i])
+        bottom = [x + y for x, y in zip(bottom, values)]
+    a.set_ylabel("wall seconds")
+    a.set_title(f"gal-prepare on the shared corpus ({pipeline[0]['MB']:.0f} MB): stages")
+    a.legend(fontsize=7, ncol=2)
+    if scale:
+        b.plot([r["MB"] for r in scale], [r["max_rss_mb"] for r in scale], "o-")
+        for r in scale:
+            b.annotate(f"{r['scale']}x", (r["MB"], r["max_rss_mb"]), textcoords="offset points", xytext=(4, 4))
+        b.set_xscale("log")
+        b.set_ylim(0, max(r["max_rss_mb"] for r in scale) * 1.5)
+        b.set_xlabel("input MB (log)")
+        b.set_ylabel("peak RSS of the largest process, MB")
+        b.set_title("memory as the corpus grows (2 workers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -160,11 +239,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-fraction", type=float, default=0.1,
                         help="fraction of documents both tokenizers are trained on")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="tokenizer,pipeline,scale", help="which benchmarks (default: %(default)s)")
+    parser.add_argument("--workers", default="1,2", help="local workers of the pipeline runs")
+    parser.add_argument("--scales", default="1,4,16", help="copies of the corpus for the memory runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prepare.json")
     args = parser.parse_args(argv)
     if not args.corpus.is_dir():
         sys.exit(f"error: --corpus {args.corpus} does not exist (the shared corpus is ../shared/corpus)")
-    print_table(bench_tokenization(args.corpus, args.vocab_size, args.sample_fraction, args.seed))
-    bench_pipeline(args.corpus, args.vocab_size, args.seed)
+    parts = args.parts.split(",")
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count()}
+    if "tokenizer" in parts:
+        results["tokenizer"] = bench_tokenization(args.corpus, args.vocab_size, args.sample_fraction, args.seed)
+        print_table(results["tokenizer"])
+    with tempfile.TemporaryDirectory(dir=ROOT.parent if os.access(ROOT.parent, os.W_OK) else None) as tmp:
+        if "pipeline" in parts or "scale" in parts:
+            print("\nwhole pipeline (gal-prepare):", flush=True)
+            results["pipeline"] = bench_pipeline(args.corpus, args.vocab_size, args.seed,
+                                                 [int(w) for w in args.workers.split(",")], Path(tmp))
+            one = results["pipeline"][0]
+            for r in results["pipeline"][1:]:
+                print(f"  speed-up {r['workers']} vs {one['workers']} worker(s): {one['wall_s'] / r['wall_s']:.2f}x")
+        if "scale" in parts:
+            print("\nmemory as the corpus grows (2 workers, perturbed copies):", flush=True)
+            tokenizer = Path(tmp) / f"workers{results['pipeline'][0]['workers']}" / "tokenizer" / "tokenizer.model"
+            results["scale"] = bench_scale(args.corpus, [int(k) for k in args.scales.split(",")], tokenizer, Path(tmp))
+        if "pipeline" in results:
+            plot(results["pipeline"], results.get("scale", []), ROOT / "docs" / "images" / "prepare_bench.png")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"\nresults: {args.out}; plot: docs/images/prepare_bench.png")
 
 
 if __name__ == "__main__":

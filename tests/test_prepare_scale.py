@@ -123,3 +123,9 @@ def test_cut_removes_paragraphs_mostly_covered():
     rest, removed = cut_repeats(text, offsets, 100)
     assert rest == f"{a}\n\n{c}" and removed == len(b) + 2
     assert cut_repeats(text, offsets[:2], 100) == (text, 0)  # under half of b covered: kept
+
+
+def test_slurm_executor_needs_a_partition(tmp_path):
+    from pretrain.config import ConfigError
+    with pytest.raises(ConfigError, match=r"^slurm.partition=None: executor=slurm needs the partition"):
+        prepare(make_cfg("executor=slurm", f"output={tmp_path}/o"), progress=False)
