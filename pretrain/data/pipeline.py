@@ -15,7 +15,6 @@ shards.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -29,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import PAPER_VOCAB_SIZE, SAMPLE_VOCAB_SIZE, ConfigError, PrepareConf, validate
-from .read import BadInput, expand_inputs, lines_before
-from .stages import (MAX_BAD_LINES, SPLITS, Cluster, Cut, Filter, Pack, Pairs, Plan, Read, Sort, Spans, Stage,
-                     Tokenize, Tokenizer, counter_dict, given_tokenizer, read_jsonl, tokenizer_info, write_atomic)
+from .read import BadInput, expand_inputs
+from .stages import (SPLITS, Cluster, Cut, Filter, OneTask, Pack, Pairs, Plan, Read, Sort, Spans, Stage, Tokenize,
+                     Tokenizer, counter_dict, gather, given_tokenizer, read_jsonl, tokenizer_info, write_atomic)
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 FORMAT_VERSION = "galactica-shards-v2"  # v2: train/<source>/ (v1: one train/ for all sources)
@@ -245,61 +244,9 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output={out}: {parent} is not writable by this user; choose another output")
 
 
-# ----------------------------------------------------------------------------- the statistics and the manifest
-def gather(plan: Plan) -> dict[str, Any]:
-    """Every unit's statistics, added up (the read stage's, and those of the stages that ran so far)."""
-    files = plan.files
-    g: dict[str, Any] = {"lines": 0, "bytes": 0, "errors": collections.Counter(),
-                         "errors_by_file": collections.defaultdict(collections.Counter), "bad_lines": [],
-                         "drops_by_source": collections.defaultdict(collections.Counter),
-                         "counts": collections.defaultdict(lambda: {s: collections.Counter() for s in SPLITS}),
-                         "span_bytes_removed": collections.Counter(), "probes": collections.Counter()}
-    for c, (file_index, start, _) in enumerate(plan.chunks):
-        st = json.loads(plan.path("stats", "read", f"{c:06d}.json").read_text())
-        g["lines"] += st["lines"]
-        g["bytes"] += st["bytes"]
-        before = lines_before(Path(files[file_index]), start) if st["bad_lines"] and start else 0
-        g["bad_lines"] += [(fi, before + line, reason) for fi, line, reason in st["bad_lines"]]
-        for source, drops in st["drops"].items():
-            g["drops_by_source"][source].update(drops)
-        g["errors"].update(st["errors"])
-        if st["errors"]:
-            g["errors_by_file"][files[file_index]].update(st["errors"])
-    for kind in ("exact", "filter", "cut"):
-        for path in sorted(plan.path("stats", kind).glob("*.json")) if plan.path("stats", kind).is_dir() else []:
-            st = json.loads(path.read_text())
-            for source, drops in st["drops"].items():
-                g["drops_by_source"][source].update(drops)
-            for source, by_split in st.get("counts", {}).items():
-                for split, c in by_split.items():
-                    g["counts"][source][split].update(c)
-            g["span_bytes_removed"].update(st.get("span_bytes_removed", {}))
-            g["probes"].update(st.get("probes", {}))
-    g["bad_lines"] = [{"file": files[fi], "line": line, "reason": reason}
-                      for fi, line, reason in sorted(g["bad_lines"])[:MAX_BAD_LINES]]
-    g["drops"] = sum(g["drops_by_source"].values(), collections.Counter())
-    return g
-
-
-def require_training_documents(plan: Plan, g: dict[str, Any]) -> None:
-    """ConfigError when the input left no training document (empty, or every line bad or dropped)."""
-    if any(c["train"]["documents"] for c in g["counts"].values()):
-        return
-    files = plan.files
-    kept = sum(c["valid"]["documents"] for c in g["counts"].values())
-    errors = ", ".join(f"{k} {v:,}" for k, v in sorted(g["errors"].items())) or "none"
-    drops = ", ".join(f"{k} {v:,}" for k, v in sorted(g["drops"].items())) or "none"
-    raise ConfigError(f"input: no training documents left from {len(files)} file(s) ({files[0]}"
-                      f"{', ...' if len(files) > 1 else ''}): {g['lines']:,} lines read, {kept:,} held out for "
-                      f"validation; bad lines skipped: {errors}; dropped: {drops}; check that input= names the "
-                      "right, non-empty JSONL files (and clean.min_chars, clean.max_chars, split.valid_fraction)")
-
-
-class Finish(Stage):
+# ----------------------------------------------------------------------------- the manifest
+class Finish(OneTask):
     name = "finish: manifest, output in place"
-
-    def units(self) -> list:
-        return [0]
 
     def do(self, unit) -> None:
         p = self.plan

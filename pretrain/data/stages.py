@@ -38,7 +38,7 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
-from .config import PrepareConf
+from .config import ConfigError, PrepareConf
 from .dedup import ScienceWords, content_hash, minhash_config
 from .markup import RecordError, Renderer
 from .read import BadInput, RawLine, iter_lines, lines_before
@@ -177,6 +177,13 @@ class Stage(PipelineStep):
 
     def do(self, unit) -> None:
         raise NotImplementedError
+
+
+class OneTask(Stage):
+    """A stage of one unit (it needs every bucket's results)."""
+
+    def units(self) -> list:
+        return [0]
 
 
 # ----------------------------------------------------------------------------- read
@@ -494,10 +501,59 @@ class Cut(Stage):
         write_atomic(p.path("stats", "cut", f"{bucket:05d}.json"), json.dumps(stats))
 
 
+# ----------------------------------------------------------------------------- the statistics of every unit
+def gather(plan: Plan) -> dict[str, Any]:
+    """Every unit's statistics, added up (the read stage's, and those of the stages that ran so far)."""
+    files = plan.files
+    g: dict[str, Any] = {"lines": 0, "bytes": 0, "errors": collections.Counter(),
+                         "errors_by_file": collections.defaultdict(collections.Counter), "bad_lines": [],
+                         "drops_by_source": collections.defaultdict(collections.Counter),
+                         "counts": collections.defaultdict(lambda: {s: collections.Counter() for s in SPLITS}),
+                         "span_bytes_removed": collections.Counter(), "probes": collections.Counter()}
+    for c, (file_index, start, _) in enumerate(plan.chunks):
+        st = json.loads(plan.path("stats", "read", f"{c:06d}.json").read_text())
+        g["lines"] += st["lines"]
+        g["bytes"] += st["bytes"]
+        before = lines_before(Path(files[file_index]), start) if st["bad_lines"] and start else 0
+        g["bad_lines"] += [(fi, before + line, reason) for fi, line, reason in st["bad_lines"]]
+        for source, drops in st["drops"].items():
+            g["drops_by_source"][source].update(drops)
+        g["errors"].update(st["errors"])
+        if st["errors"]:
+            g["errors_by_file"][files[file_index]].update(st["errors"])
+    for kind in ("exact", "filter", "cut"):
+        for path in sorted(plan.path("stats", kind).glob("*.json")) if plan.path("stats", kind).is_dir() else []:
+            st = json.loads(path.read_text())
+            for source, drops in st["drops"].items():
+                g["drops_by_source"][source].update(drops)
+            for source, by_split in st.get("counts", {}).items():
+                for split, c in by_split.items():
+                    g["counts"][source][split].update(c)
+            g["span_bytes_removed"].update(st.get("span_bytes_removed", {}))
+            g["probes"].update(st.get("probes", {}))
+    g["bad_lines"] = [{"file": files[fi], "line": line, "reason": reason}
+                      for fi, line, reason in sorted(g["bad_lines"])[:MAX_BAD_LINES]]
+    g["drops"] = sum(g["drops_by_source"].values(), collections.Counter())
+    return g
+
+
+def require_training_documents(plan: Plan, g: dict[str, Any]) -> None:
+    """ConfigError when the input left no training document (empty, or every line bad or dropped)."""
+    if any(c["train"]["documents"] for c in g["counts"].values()):
+        return
+    files = plan.files
+    kept = sum(c["valid"]["documents"] for c in g["counts"].values())
+    errors = ", ".join(f"{k} {v:,}" for k, v in sorted(g["errors"].items())) or "none"
+    drops = ", ".join(f"{k} {v:,}" for k, v in sorted(g["drops"].items())) or "none"
+    raise ConfigError(f"input: no training documents left from {len(files)} file(s) ({files[0]}"
+                      f"{', ...' if len(files) > 1 else ''}): {g['lines']:,} lines read, {kept:,} held out for "
+                      f"validation; bad lines skipped: {errors}; dropped: {drops}; check that input= names the "
+                      "right, non-empty JSONL files (and clean.min_chars, clean.max_chars, split.valid_fraction)")
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def given_tokenizer(cfg: PrepareConf):
     """tokenizer.from_hf's or tokenizer.path's tokenizer, or None when one is to be trained."""
-    from pretrain.config import ConfigError
     from pretrain.tokenizer import GalacticaTokenizer, HFTokenizer
     if cfg.tokenizer.from_hf:
         try:
@@ -522,16 +578,11 @@ def tokenizer_sample(plan: Plan) -> list[tuple[int, int]]:
     return sorted((b, o) for _, b, o in chosen)
 
 
-class Tokenizer(Stage):
+class Tokenizer(OneTask):
     name = "tokenizer: train on the sample"
-
-    def units(self) -> list:
-        return [0]
 
     def do(self, unit) -> None:
         from pretrain.tokenizer import GalacticaTokenizer
-
-        from .pipeline import gather, require_training_documents
         p = self.plan
         require_training_documents(p, gather(p))
         out = p.path("out", "tokenizer")
