@@ -182,6 +182,37 @@ def _slurm_executor_class():
 
 
 def _run_slurm(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, Any]:
+    s = cfg.slurm
+    record = Path(plan.work, "jobs.json")  # the jobs of the last submission: never submit a stage twice at once
+    jobs = json.loads(record.read_text()) if record.exists() else []
+    if _queued(jobs):
+        if progress:
+            print(f"gal-prepare: the jobs submitted before are still queued or running ({', '.join(jobs)}); "
+                  "waiting for them, not submitting again", file=sys.stderr)
+    else:
+        jobs = _submit(plan, cfg)
+        write_atomic(record, json.dumps(jobs))
+        if progress:
+            print(f"gal-prepare: submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); logs in {plan.work}/logs/",
+                  file=sys.stderr)
+    if not s.wait:
+        return {"submitted": jobs, "work": plan.work}
+    _wait_for_slurm(plan, jobs, s.poll_s)
+    manifest = json.loads(Path(plan.output, "manifest.json").read_text())
+    manifest["output"] = plan.output
+    return manifest
+
+
+def _queued(jobs: list[str]) -> bool:
+    """Whether any of these Slurm jobs is still pending or running."""
+    if not jobs:
+        return False
+    return bool(subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
+                               text=True).stdout.strip())
+
+
+def _submit(plan: Plan, cfg: PrepareConf) -> list[str]:
+    """A job array per unfinished stage, each depending on the one before; their job ids."""
     SlurmPipelineExecutor = _slurm_executor_class()
     s = cfg.slurm
     env_command = s.env_command or f"export PATH={Path(sys.executable).parent}:$PATH"
@@ -200,16 +231,7 @@ def _run_slurm(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, Any]:
     except subprocess.CalledProcessError as e:
         raise ConfigError(f"executor=slurm: sbatch refused a job ({e}; its message is above); check slurm.partition, "
                           "slurm.account, slurm.qos, slurm.mem_per_cpu, slurm.cpus_per_task and slurm.time") from None
-    jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
-    if progress:
-        print(f"gal-prepare: submitted {len(jobs)} Slurm jobs ({', '.join(jobs)}); logs in {plan.work}/logs/",
-              file=sys.stderr)
-    if not s.wait:
-        return {"submitted": jobs, "work": plan.work}
-    _wait_for_slurm(plan, jobs, s.poll_s)
-    manifest = json.loads(Path(plan.output, "manifest.json").read_text())
-    manifest["output"] = plan.output
-    return manifest
+    return [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
 
 
 def _wait_for_slurm(plan: Plan, jobs: list[str], poll_s: float) -> None:
