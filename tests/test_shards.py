@@ -14,7 +14,8 @@ from helpers import REPO, run_cli, subset
 from pretrain.data.config import SourceFormat
 from pretrain.data.markup import Renderer
 from pretrain.data.shards import Packer, ShardReader, ShardWriter, token_dtype
-from pretrain.data.split import is_validation, unit_hash
+from pretrain.data.split import is_validation
+from pretrain.data.stages import bucket_of
 from pretrain.tokenizer import GalacticaTokenizer
 
 LINES_PER_FILE = 150
@@ -110,7 +111,7 @@ def test_every_training_token_exactly_once(prepared):
                 by_source.setdefault(r["source"], []).append(
                     (r["id"], np.array(tok.encode(renderer.render(r["source"], r)) + [2])))
     for s in by_source:  # document order: bucket (a hash of the id), then id (pretrain/data/stages.py)
-        by_source[s].sort(key=lambda d: (int(unit_hash("gal-bucket", d[0]) * m["units"]["buckets"]), d[0]))
+        by_source[s].sort(key=lambda d: (bucket_of(d[0], m["units"]["buckets"]), d[0]))
     expected_ids = [i for s in sorted(by_source) for i, _ in by_source[s]]
     expected = [t for s in sorted(by_source) for _, t in by_source[s]]
     # every kept training document, once, in its source's shards, in document order

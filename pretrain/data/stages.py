@@ -53,6 +53,12 @@ COVER_DTYPE = np.dtype([("idx", "<u4"), ("offset", "<u4")])
 SPLITS = ("train", "valid")
 
 
+def bucket_of(doc_id: str, buckets: int) -> int:
+    """A document's bucket: a hash of its id (so its place in the document order never depends on the task
+    that read it)."""
+    return int(unit_hash("gal-bucket", doc_id) * buckets)
+
+
 @dataclass
 class Plan:
     """What every stage needs to know, fixed before the first task runs (plan.json in the work directory)."""
@@ -71,7 +77,7 @@ class Plan:
         return Path(self.work, *[str(p) for p in parts])
 
     def bucket_of(self, doc_id: str) -> int:
-        return int(unit_hash("gal-bucket", doc_id) * self.buckets)
+        return bucket_of(doc_id, self.buckets)
 
     def near(self, source: str) -> bool:
         return self.cfg.dedup.near and self.cfg.corpus[source].near_dedup
