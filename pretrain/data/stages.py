@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -181,8 +182,9 @@ class Stage(PipelineStep):
             self.stat_update("units")
         yield from ()
 
+    @abstractmethod
     def do(self, unit) -> None:
-        raise NotImplementedError
+        """The work of one unit: read its inputs, write its outputs (atomically)."""
 
 
 class OneTask(Stage):
