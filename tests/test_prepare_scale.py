@@ -129,3 +129,21 @@ def test_slurm_executor_needs_a_partition(tmp_path):
     from pretrain.config import ConfigError
     with pytest.raises(ConfigError, match=r"^slurm.partition=None: executor=slurm needs the partition"):
         prepare(make_cfg("executor=slurm", f"output={tmp_path}/o"), progress=False)
+
+
+# ----------------------------------------------------------------------------- MinHash signatures
+def test_signatures_equal_datatrove_own_methods(tmp_path):
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+
+    from pretrain.data.dedup import ScienceWords, Signatures, minhash_config
+
+    config = minhash_config(shingle_words=5, bands=14, rows=8)
+    ours = Signatures(str(tmp_path / "a"), config)
+    theirs = MinhashDedupSignature(str(tmp_path / "b"), config, ScienceWords())
+    rng = random.Random(1)
+    texts = [_words(rng, n) for n in (5, 6, 40, 300)] + ["Émile's CO2 + H2O -> H2CO3, twice: CO2 + H2O -> H2CO3."]
+    for text in texts:
+        shingles = ours.get_shingles(text)
+        assert shingles.tolist() == theirs.get_shingles(text).tolist() and len(shingles) > 0
+        assert ours.get_signature(shingles) == theirs.get_signature(shingles)
+    assert ours.get_shingles("only four words here").shape == theirs.get_shingles("only four words here").shape

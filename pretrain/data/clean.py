@@ -20,8 +20,9 @@ _INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
 _TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_LINES = re.compile(r"\n{3,}")
 # every Unicode control (Cc) and format (Cf) character except \t and \n, and the odd spaces
-_DROP = {c: None for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cc", "Cf") and chr(c) not in "\t\n"}
-_DROP.update({c: " " for c in range(0x110000) if unicodedata.category(chr(c)) in ("Zs", "Zl", "Zp") and c != 0x20})
+_REPLACE = {"Cc": None, "Cf": None, "Zs": " ", "Zl": " ", "Zp": " "}
+_DROP = {c: _REPLACE[cat] for c, cat in ((c, unicodedata.category(chr(c))) for c in range(0x110000))
+         if cat in _REPLACE and c not in (0x09, 0x0A, 0x20)}
 
 
 def mark_scripts(text: str) -> str:

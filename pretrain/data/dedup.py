@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import re
 
-from datatrove.pipeline.dedup.minhash import MinhashConfig
+import numpy as np
+import xxhash
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.text import TextNormConfig
+from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 _WORD = re.compile(r"\w+")
@@ -47,3 +49,34 @@ def minhash_config(shingle_words: int, bands: int, rows: int) -> MinhashConfig:
     return MinhashConfig(n_grams=shingle_words, num_buckets=bands, hashes_per_bucket=rows, seed=1,
                          hash_config=HashConfig(precision=64, hash_fc="xxhash"),
                          norm_config=TextNormConfig(norm_unicode_diacritics=False))
+
+
+_MERSENNE_61 = np.uint64((1 << 61) - 1)
+
+
+class Signatures(MinhashDedupSignature):
+    """datatrove's MinHash signature step, with the same shingles and signatures computed in fewer
+    Python steps (tests/test_prepare_scale.py compares both with datatrove's own methods): n-grams joined
+    and hashed by map() over C functions instead of a Python call per shingle, and the permutation's
+    modulo 2**61 - 1 by shifts and masks instead of numpy's uint64 division (the two were 60% of the
+    step's time). Reading, writing and sorting the signature files stay datatrove's."""
+
+    def __init__(self, output_folder: str, config: MinhashConfig):
+        super().__init__(output_folder, config, ScienceWords())
+        assert config.hash_config.precision == 64 and config.hash_config.hash_fc == "xxhash"
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        words = self.word_tokenizer.word_tokenize(simplify_text(text, self.config.norm_config))
+        n = self.config.n_grams
+        grams = map(" ".join, zip(*(words[i:] for i in range(n))))
+        return np.fromiter(map(xxhash.xxh64_intdigest, grams), np.uint64, max(0, len(words) - n + 1)).reshape(-1, 1)
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        a, b = self.parameters
+        x = shingles * a  # modulo 2**64, as datatrove's
+        x += b
+        r = x & _MERSENNE_61  # x mod (2**61 - 1) = (x & m) + (x >> 61), less m once if that is >= m
+        x >>= np.uint64(61)
+        r += x
+        np.subtract(r, _MERSENNE_61, out=r, where=r >= _MERSENNE_61)
+        return r.min(axis=0).reshape(self.config.num_buckets, -1).tolist()

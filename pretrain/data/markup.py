@@ -19,6 +19,7 @@ the document text up to its formula, and the formula itself.
 """
 from __future__ import annotations
 
+import functools
 import re
 import string
 from typing import Any, Callable
@@ -66,14 +67,33 @@ def smiles_span(s: str) -> str:
     return f"[START_SMILES]{s}[END_SMILES]"
 
 
-def molecular_formula(smiles: str) -> str | None:
-    """RDKit's CalcMolFormula of a SMILES (isotopes folded into their element), None if it does not parse."""
+@functools.cache
+def _rdkit():
     from rdkit import Chem, RDLogger
     from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 
     RDLogger.DisableLog("rdApp.*")  # a bad SMILES is an outcome here, not a message on stderr
-    mol = Chem.MolFromSmiles(clean_sequence(smiles))
-    return CalcMolFormula(mol) if mol is not None else None
+    S = Chem.SanitizeFlags
+    # the checks of RDKit's sanitization that decide whether a molecule parses and how many hydrogens each
+    # atom has; the rest (radicals, conjugation, hybridization, chirality and atropisomer clean-up) and the
+    # removal of explicit hydrogens change no atom count, and were 40% of the time (the formulas of all
+    # 51,040 molecules of the shared corpus are the same as with MolFromSmiles' full sanitization)
+    ops = (S.SANITIZE_CLEANUP | S.SANITIZE_PROPERTIES | S.SANITIZE_SYMMRINGS | S.SANITIZE_KEKULIZE
+           | S.SANITIZE_SETAROMATICITY | S.SANITIZE_ADJUSTHS | S.SANITIZE_CLEANUP_ORGANOMETALLICS)
+    return Chem, CalcMolFormula, ops
+
+
+def molecular_formula(smiles: str) -> str | None:
+    """RDKit's CalcMolFormula of a SMILES (isotopes folded into their element), None if it does not parse."""
+    Chem, CalcMolFormula, ops = _rdkit()
+    mol = Chem.MolFromSmiles(clean_sequence(smiles), sanitize=False)
+    if mol is None:
+        return None
+    try:
+        Chem.SanitizeMol(mol, ops)
+    except Chem.MolSanitizeException:  # a valence or kekulization error: not a molecule
+        return None
+    return CalcMolFormula(mol)
 
 
 def _sequence_span(alphabet: set[str], start: str, end: str) -> Callable[[str], str]:
