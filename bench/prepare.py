@@ -2,7 +2,8 @@
 `tokenizers` byte-level BPE of the same vocabulary size (issue 3), the whole of gal-prepare with 1 and 2
 local workers, and the peak memory of its largest process at 1x, 4x and 16x the corpus (issue 16).
 
-    python bench/prepare.py --corpus ../shared/corpus [--parts tokenizer,pipeline,scale] [--scales 1,4,16]
+    python bench/prepare.py --corpus ../shared/corpus [--parts tokenizer,pipeline,scale] [--pipeline-scales 1,4]
+        [--scales 1,4,16]
 
 Both tokenizers encode the whole corpus (arXiv prose + molecules / proteins / DNA in Galactica markup)
 in batches, from a freshly loaded tokenizer (cold caches). Wall-clock MB/s depends on what else runs
@@ -132,22 +133,31 @@ def run_prepare(args: list[str]) -> dict:
             "max_rss_mb": usage.ru_maxrss / 1024}
 
 
-def bench_pipeline(corpus: Path, vocab_size: int, seed: int, workers: list[int], tmp: Path) -> list[dict]:
+def bench_pipeline(corpus: Path, vocab_size: int, seed: int, workers: list[int], scales: list[int],
+                   tmp: Path) -> list[dict]:
     """The whole of gal-prepare (read, clean, markup, exact + near (datatrove MinHash) + span dedup, split,
-    tokenizer training on the default 2% sample, tokenize, pack, shard) on every *.jsonl of the corpus,
-    with 1 and 2 local workers; the 1-worker run is the reference of the speed-up."""
+    tokenizer training on the default 2% sample, tokenize, pack, shard) on every *.jsonl of the corpus
+    (scale 1) and of perturbed copies of it (scale k), with 1 and 2 local workers; the 1-worker run of each
+    scale is the reference of its speed-up. Units of 4 MB (16 chunks and 14 buckets at 1x), as a large corpus
+    would have thousands of 64 MB units: several per worker, so that the pool stays busy to a stage's end."""
     rows = []
-    for w in workers:
-        r = run_prepare([f"input={corpus}/*.jsonl", f"output={tmp}/workers{w}", f"tokenizer.vocab_size={vocab_size}",
-                         f"tokenizer.seed={seed}", f"workers={w}", "chunk_mb=4", "bucket_mb=8"])
-        m = r["manifest"]
-        mb = m["input"]["bytes"] / 1e6
-        rows.append({"workers": w, "MB": mb, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "MB/s": mb / r["wall_s"],
-                     "MB per CPU-s": mb / r["cpu_s"], "max_rss_mb": r["max_rss_mb"], "stages": m["timing"],
-                     "units": m["units"], "dedup": m["dedup"], "span_bytes_removed": m["span_dedup"]["bytes_removed"],
-                     "train_tokens": m["totals"]["train"]["tokens"]})
-        print(f"  {w} worker(s): {mb:.1f} MB in {r['wall_s']:.1f} s = {mb / r['wall_s']:.2f} MB/s, "
-              f"{mb / r['cpu_s']:.2f} MB per CPU-second, peak RSS {r['max_rss_mb']:.0f} MB", flush=True)
+    for k in scales:
+        data = corpus if k == 1 else perturbed_corpus(corpus, k, tmp / f"corpus{k}x")
+        for w in workers:
+            r = run_prepare([f"input={data}/*.jsonl", f"output={tmp}/scale{k}-workers{w}",
+                             f"tokenizer.vocab_size={vocab_size}", f"tokenizer.seed={seed}", f"workers={w}",
+                             "chunk_mb=4", "bucket_mb=4"])
+            m = r["manifest"]
+            mb = m["input"]["bytes"] / 1e6
+            rows.append({"scale": k, "workers": w, "MB": mb, "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+                         "MB/s": mb / r["wall_s"], "MB per CPU-s": mb / r["cpu_s"], "max_rss_mb": r["max_rss_mb"],
+                         "stages": m["timing"], "units": m["units"], "dedup": m["dedup"],
+                         "span_bytes_removed": m["span_dedup"]["bytes_removed"],
+                         "train_tokens": m["totals"]["train"]["tokens"]})
+            print(f"  {k}x, {w} worker(s): {mb:.1f} MB in {r['wall_s']:.1f} s = {mb / r['wall_s']:.2f} MB/s, "
+                  f"{mb / r['cpu_s']:.2f} MB per CPU-second, peak RSS {r['max_rss_mb']:.0f} MB", flush=True)
+        if k != 1:
+            shutil.rmtree(data)
     return rows
 
 
@@ -198,14 +208,20 @@ def plot(pipeline: list[dict], scale: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     stages = [k[:-2] for k in pipeline[0]["stages"] if k.endswith("_s") and k not in ("total_s", "input_mb_per_s")]
+    labels = [f"{r['scale']}x ({r['MB']:.0f} MB)\n{r['workers']} worker(s)" for r in pipeline]
     bottom = [0.0] * len(pipeline)
     colors = plt.get_cmap("tab20").colors
     for i, stage in enumerate(stages):
         values = [r["stages"][f"{stage}_s"] for r in pipeline]
-        a.bar([f"{r['workers']} worker(s)" for r in pipeline], values, bottom=bottom, label=stage, color=colors[i])
+        a.bar(labels, values, bottom=bottom, label=stage, color=colors[i])
         bottom = [x + y for x, y in zip(bottom, values)]
-    a.set_ylabel("wall seconds")
-    a.set_title(f"gal-prepare on the shared corpus ({pipeline[0]['MB']:.0f} MB): stages")
+    for i, r in enumerate(pipeline):  # the whole process: start-up and the manifest included
+        ref = next(o for o in pipeline if o["scale"] == r["scale"] and o["workers"] == 1)
+        a.annotate(f"{r['wall_s']:.0f} s" + (f", {ref['wall_s'] / r['wall_s']:.2f}x" if r is not ref else ""),
+                   (i, r["wall_s"]), ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("wall seconds (bars: the stages)")
+    a.set_title("gal-prepare, shared corpus and a 4x perturbed copy")
+    a.tick_params(axis="x", labelsize=8)
     a.legend(fontsize=7, ncol=2)
     if scale:
         b.plot([r["MB"] for r in scale], [r["max_rss_mb"] for r in scale], "o-")
@@ -241,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="tokenizer,pipeline,scale", help="which benchmarks (default: %(default)s)")
     parser.add_argument("--workers", default="1,2", help="local workers of the pipeline runs")
+    parser.add_argument("--pipeline-scales", default="1,4", help="copies of the corpus for the speed runs")
     parser.add_argument("--scales", default="1,4,16", help="copies of the corpus for the memory runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prepare.json")
     args = parser.parse_args(argv)
@@ -255,13 +272,15 @@ def main(argv: list[str] | None = None) -> None:
         if "pipeline" in parts or "scale" in parts:
             print("\nwhole pipeline (gal-prepare):", flush=True)
             results["pipeline"] = bench_pipeline(args.corpus, args.vocab_size, args.seed,
-                                                 [int(w) for w in args.workers.split(",")], Path(tmp))
-            one = results["pipeline"][0]
-            for r in results["pipeline"][1:]:
-                print(f"  speed-up {r['workers']} vs {one['workers']} worker(s): {one['wall_s'] / r['wall_s']:.2f}x")
+                                                 [int(w) for w in args.workers.split(",")],
+                                                 [int(k) for k in args.pipeline_scales.split(",")], Path(tmp))
+            for one, r in zip(results["pipeline"], results["pipeline"][1:]):
+                if one["scale"] == r["scale"] and one["workers"] == 1:
+                    print(f"  speed-up at {r['scale']}x, {r['workers']} vs 1 worker: {one['wall_s'] / r['wall_s']:.2f}x")
         if "scale" in parts:
             print("\nmemory as the corpus grows (2 workers, perturbed copies):", flush=True)
-            tokenizer = Path(tmp) / f"workers{results['pipeline'][0]['workers']}" / "tokenizer" / "tokenizer.model"
+            first = results["pipeline"][0]
+            tokenizer = Path(tmp) / f"scale{first['scale']}-workers{first['workers']}" / "tokenizer" / "tokenizer.model"
             results["scale"] = bench_scale(args.corpus, [int(k) for k in args.scales.split(",")], tokenizer, Path(tmp))
         if "pipeline" in results:
             plot(results["pipeline"], results.get("scale", []), ROOT / "docs" / "images" / "prepare_bench.png")

@@ -68,6 +68,23 @@ def test_markup_templates():
         Renderer({"x": type(r.formats["arxiv"])(template=["{a|nope}"])})
 
 
+def test_molecular_formula_equals_rdkit_full_sanitization(shared_corpus):
+    """The formula step runs part of RDKit's sanitization (pretrain/data/markup.py); every 5th molecule of
+    the shared corpus and the hard cases (charges, isotopes, aromatic N-H, organometallics, bad valence) give
+    the formula, or None, of MolFromSmiles' full sanitization."""
+    from rdkit import Chem
+    from rdkit.Chem.rdMolDescriptors import CalcMolFormula
+
+    from pretrain.data.markup import molecular_formula
+    with open(shared_corpus / "molecules.jsonl") as f:
+        smiles = [json.loads(line)["smiles"] for line in f][::5]
+    smiles += ["[NH4+]", "[2H]C", "c1cc[nH]c1", "n1cccc1", "c1cccc1", "C(C)(C)(C)(C)C", "[se]1cccc1",
+               "O=[N+]([O-])c1ccccc1", "[Fe+2].[Cl-].[Cl-]", "B1=CC=CC=C1", "not a smiles"]
+    ours = [molecular_formula(s) for s in smiles]
+    full = [(lambda m: m and CalcMolFormula(m))(Chem.MolFromSmiles(s)) for s in smiles]
+    assert ours == full and full[-8:-5] == [None] * 3 and full[-1] is None and len(smiles) > 10000
+
+
 # Real abstracts of ../shared/corpus/arxiv.jsonl: id → (what the text holds, what the document holds)
 PAPER_CITATIONS = {
     "arxiv:2604.17637": ("the study of Shafter et al. (2015) who", "the study of [START_REF]Shafter et al. (2015)[END_REF] who"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import heapq
 import json
 import os
@@ -266,7 +267,13 @@ class Read(Stage):
     name = "read: parse, clean, markup"
 
     def units(self) -> list:
-        return list(range(len(self.plan.chunks)))
+        """The chunks interleaved across files (every file's first chunk, then every second one, ...), so
+        that a task's share and a local pool's order mix the sources, whose cost per byte differs tenfold
+        (a molecule's formula is an RDKit parse), instead of leaving the last file's chunks for the end."""
+        by_file = collections.defaultdict(list)
+        for chunk, (file_index, _, _) in enumerate(self.plan.chunks):
+            by_file[file_index].append(chunk)
+        return [c for row in itertools.zip_longest(*by_file.values()) for c in row if c is not None]
 
     def do(self, chunk: int) -> None:
         p, cfg = self.plan, self.plan.cfg
