@@ -282,8 +282,7 @@ class Read(Stage):
         renderer = Renderer(dict(cfg.corpus), cfg.clean.unicode_form)
         stats = {"lines": 0, "bytes": 0, "errors": collections.Counter(), "bad_lines": [],
                  "drops": collections.defaultdict(collections.Counter)}
-        lines: list[bytes] = []
-        buckets: list[int] = []
+        by_bucket: dict[int, bytearray] = collections.defaultdict(bytearray)  # not a list of orjson's
         for raw in iter_lines(path, file_index, cfg.max_line_bytes, cfg.max_docs_per_file, start, end):
             stats["lines"] += 1
             stats["bytes"] += len(raw.data) if raw.data is not None else raw.size
@@ -299,14 +298,14 @@ class Read(Stage):
                 stats["drops"][result[1]][result[2]] += 1
             else:
                 _, doc_id, source, text, probe = result
-                buckets.append(p.bucket_of(doc_id))
-                lines.append(orjson.dumps({"id": doc_id, "source": source, "chunk": chunk, "line": raw.line,
-                                           "text": text, "probe": probe}, option=orjson.OPT_APPEND_NEWLINE))
-        # one file of the chunk's documents, by bucket; index: each bucket's first byte (the chunk is in memory)
-        order = np.argsort(np.array(buckets, np.int64), kind="stable")
+                by_bucket[p.bucket_of(doc_id)] += orjson.dumps(  # (its bytes hold 4 KB whatever their length)
+                    {"id": doc_id, "source": source, "chunk": chunk, "line": raw.line, "text": text, "probe": probe},
+                    option=orjson.OPT_APPEND_NEWLINE)
+        # one file of the chunk's documents, bucket after bucket; index: each bucket's first byte
         sizes = np.zeros(p.buckets + 1, np.int64)
-        np.add.at(sizes, np.array(buckets, np.int64) + 1, [len(line) for line in lines])
-        write_atomic(p.path("docs", f"{chunk:06d}.jsonl"), b"".join(lines[i] for i in order))
+        for bucket, data in by_bucket.items():
+            sizes[bucket + 1] = len(data)
+        write_atomic(p.path("docs", f"{chunk:06d}.jsonl"), b"".join(by_bucket[b] for b in sorted(by_bucket)))
         save_array(p.path("docs", f"{chunk:06d}.index.npy"), np.cumsum(sizes))
         stats["start"] = start
         write_atomic(p.path("stats", "read", f"{chunk:06d}.json"), json.dumps(counter_dict(stats)))
