@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,3 +149,12 @@ def test_signatures_equal_datatrove_own_methods(tmp_path):
         assert shingles.tolist() == theirs.get_shingles(text).tolist() and len(shingles) > 0
         assert ours.get_signature(shingles) == theirs.get_signature(shingles)
     assert ours.get_shingles("only four words here").shape == theirs.get_shingles("only four words here").shape
+
+
+def test_gal_prepare_imports_no_torch_before_the_pack_stage():
+    """torch (which webdataset imports) is 220 MB and a second of start-up in every task process; only the
+    pack stage writes tars, so only it imports webdataset (Stage.imports, pretrain/data/shards.py)."""
+    code = ("import sys, pretrain.prepare, pretrain.data.pipeline as p; "
+            "print([s.__name__ for s in p.STAGES if s.imports], sorted(m for m in sys.modules if m.startswith('torch')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['Pack'] []"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import math
 import os
@@ -157,6 +158,8 @@ def _run_local(plan: Plan, cfg: PrepareConf, progress: bool) -> dict[str, float]
         name = type(stage).__name__.lower()
         tasks = _tasks(cfg.tasks, len(stage.units()))  # default: a task per unit, `workers` at a time
         t = time.perf_counter()
+        for module in stage.imports:  # before the workers fork: one copy for all of them
+            importlib.import_module(module)
         if progress:
             print(f"gal-prepare: {stage.name} ({len(stage.units())} units, {tasks} tasks) ...", end="",
                   file=sys.stderr, flush=True)

@@ -27,10 +27,12 @@ import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import webdataset
+
+if TYPE_CHECKING:
+    import webdataset
 
 INDEX_DTYPE = np.dtype([("shard", "<u4"), ("tokens_offset", "<u8"), ("meta_offset", "<u8"), ("meta_size", "<u4"),
                         ("crc32", "<u4")])
@@ -86,6 +88,8 @@ class ShardWriter:
         if tokens.shape != (self.sample_len,):
             raise ValueError(f"sample {self.num_samples}: expected {self.sample_len} tokens, got {tokens.shape}")
         if self._tar is None:
+            import webdataset  # here, not at the top: it imports torch (1 s, 220 MB), which the other
+            # gal-prepare stages do not need
             name = f"shard-{len(self.shards):06d}.tar"
             self.shards.append({"name": name, "samples": 0})
             self._tar = webdataset.TarWriter(str(self.dir / name), mtime=0, user="gal", group="gal", mode=0o444)
@@ -259,6 +263,7 @@ class ShardReader:
 
     def webdataset(self) -> Iterator[dict[str, Any]]:
         """The samples in order through webdataset's streaming reader: {"__key__", "tokens.npy", "meta.json"}."""
+        import webdataset
         return iter(webdataset.WebDataset(self.paths, shardshuffle=False, empty_check=False).decode())
 
     def close(self) -> None:
