@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import heapq
+import itertools
 import json
 import os
 import re
