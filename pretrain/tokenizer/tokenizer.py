@@ -31,7 +31,6 @@ import io
 import random
 import re
 from collections.abc import Iterable
-from itertools import chain
 from pathlib import Path
 
 import sentencepiece as spm
@@ -199,16 +198,16 @@ class GalacticaTokenizer:
         cache = self._word_ids
         if len(cache) > self.word_cache_size:
             cache.clear()
-        unseen = list(set().union(*words_of).difference(cache))
+        unseen = list({w for words in words_of for w in words if w not in cache})
         if unseen:
             cache.update(zip(unseen, self._sp.encode(unseen, num_threads=self.num_threads)))
-        lookup = cache.__getitem__
         out = []
         for plan in plans:
             ids: list[int] = []
             for item in plan:
                 if type(item) is int:
-                    ids += chain.from_iterable(map(lookup, words_of[item]))
+                    for w in words_of[item]:
+                        ids += cache[w]
                 else:
                     ids += item
             out.append(ids)
@@ -225,11 +224,11 @@ class GalacticaTokenizer:
                 prose.append(text[pos:start])
             kind = m.group(1)
             if kind:  # a span: markers + one token per character
-                span = m.group(2)
-                for c in set(span).difference(self._char_ids):
-                    self._char_to_ids(c)
-                ids = [self.special_ids[f"[START_{kind}]"], *chain.from_iterable(map(self._char_ids.__getitem__, span)),
-                       self.special_ids[f"[END_{kind}]"]]
+                ids = [self.special_ids[f"[START_{kind}]"]]
+                char_ids = self._char_ids
+                for c in m.group(2):
+                    ids += char_ids.get(c) or self._char_to_ids(c)
+                ids.append(self.special_ids[f"[END_{kind}]"])
                 plan.append(ids)
             elif m.group(0) == SPACE:
                 plan.append([self._byte_ids[b] for b in SPACE.encode()])
