@@ -346,7 +346,7 @@ class Sort(Stage):
             out.write(sorted_path, d)
         out.close()
         if not docs:
-            write_atomic(p.path("sorted", f"{bucket:05d}.jsonl"), "")
+            write_atomic(sorted_path, "")
         if p.cfg.dedup.exact:
             records = np.zeros(len(docs), EXACT_DTYPE)
             for i, d in enumerate(docs):
